@@ -1,0 +1,259 @@
+"""The C-style renderer shared by every device: types, constants, conversions and the op body.
+
+A device renderer subclasses :class:`CStyleRenderer`, sets a few attributes (its preamble, how
+it stores half floats) and writes the loop around :meth:`CStyleRenderer.body`.
+
+Values live in *compute types*: float16 and bfloat16 values are held in ``float`` and rounded
+back to their own precision after every op, as eager rounds every op's result; everything else
+is held in its own C type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .. import ops
+from ..ir import Const, FusionGraph, attr_value
+from ..spec import BROADCAST, CONTIG, ArgSpec
+
+C_TYPES = {
+    torch.float16: "float",
+    torch.bfloat16: "float",
+    torch.float32: "float",
+    torch.float64: "double",
+    torch.uint8: "uint8_t",
+    torch.int8: "int8_t",
+    torch.int16: "int16_t",
+    torch.int32: "int32_t",
+    torch.int64: "int64_t",
+    torch.bool: "bool",
+}
+STORAGE_TYPES = {**C_TYPES, torch.float16: "tf_half", torch.bfloat16: "uint16_t",
+                 torch.bool: "uint8_t"}
+INT_TAGS = {torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16", torch.int32: "i32",
+            torch.int64: "i64"}
+INT_MIN = {torch.int8: -(2**7), torch.int16: -(2**15), torch.int32: -(2**31),
+           torch.int64: -(2**63)}
+
+
+# Helpers every device shares. TF_FN, tf_half, tf_h2f/tf_f2h and tf_f2u/tf_u2f come from the
+# device's own preamble. Integer helpers never divide by zero, never overflow a signed type and
+# never shift out of range: they set *err (division by zero) or wrap, as eager does.
+HELPERS = r"""
+#define TF_MAX(a, b) ((a) < (b) ? (b) : (a))
+#define TF_MIN(a, b) ((b) < (a) ? (b) : (a))
+
+TF_FN float tf_bf2f(uint16_t h) { return tf_u2f((uint32_t)h << 16); }
+TF_FN uint16_t tf_f2bf(float f) {
+  uint32_t u = tf_f2u(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  /* NaN */
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  /* round to nearest even */
+}
+TF_FN float tf_round_bf16(float f) { return tf_bf2f(tf_f2bf(f)); }
+TF_FN float tf_round_f16(float f) { return tf_h2f(tf_f2h(f)); }
+
+/* float -> integer as x86 converts (out of range and NaN give the minimum), without UB */
+TF_FN int32_t tf_f2i32(double x) {
+  return (x != x || x <= -2147483649.0 || x >= 2147483648.0) ? INT32_MIN : (int32_t)x;
+}
+TF_FN int64_t tf_f2i64(double x) {
+  return (x != x || x < -0x1p63 || x >= 0x1p63) ? INT64_MIN : (int64_t)x;
+}
+
+#define TF_FLOAT_HELPERS(S, T) \
+TF_FN T tf_max##S(T a, T b) { return (a != a || b != b) ? a + b : TF_MAX(a, b); } \
+TF_FN T tf_min##S(T a, T b) { return (a != a || b != b) ? a + b : TF_MIN(a, b); } \
+TF_FN T tf_remainder##S(T a, T b) { \
+  T mod = fmod##S(a, b); \
+  if (mod != 0 && ((b < 0) != (mod < 0))) mod += b; \
+  return mod; \
+} \
+TF_FN T tf_div_floor##S(T a, T b) { \
+  if (b == 0) return a / b; \
+  T mod = fmod##S(a, b); \
+  T div = (a - mod) / b; \
+  if (mod != 0 && ((b < 0) != (mod < 0))) div -= 1; \
+  if (div == 0) return copysign##S((T)0, a / b); \
+  T floordiv = floor##S(div); \
+  if (div - floordiv > (T)0.5) floordiv += 1; \
+  return floordiv; \
+} \
+TF_FN T tf_logaddexp##S(T a, T b) { \
+  if (isinf(a) && a == b) return a; \
+  T m = TF_MAX(a, b); \
+  return m + log1p##S(exp##S(-fabs##S(a - b))); \
+}
+TF_FLOAT_HELPERS(f, float)
+TF_FLOAT_HELPERS(, double)
+
+#define TF_INT_HELPERS(t, T, U, BITS) \
+TF_FN T tf_div_trunc_##t(T a, T b, int* err) { \
+  if (b == 0) { *err = 1; return 0; } \
+  if ((T)-1 < 0 && b == (T)-1) return (T)(-(U)a); \
+  return (T)(a / b); \
+} \
+TF_FN T tf_div_floor_##t(T a, T b, int* err) { \
+  if (b == 0) { *err = 1; return 0; } \
+  if ((T)-1 < 0 && b == (T)-1) return (T)(-(U)a); \
+  T q = (T)(a / b), r = (T)(a % b); \
+  if (r != 0 && ((r < 0) != (b < 0))) q -= 1; \
+  return q; \
+} \
+TF_FN T tf_remainder_##t(T a, T b, int* err) { \
+  if (b == 0) { *err = 1; return 0; } \
+  if ((T)-1 < 0 && b == (T)-1) return 0; \
+  T r = (T)(a % b); \
+  if (r != 0 && ((r < 0) != (b < 0))) r += b; \
+  return r; \
+} \
+TF_FN T tf_fmod_##t(T a, T b, int* err) { \
+  if (b == 0) { *err = 1; return 0; } \
+  if ((T)-1 < 0 && b == (T)-1) return 0; \
+  return (T)(a % b); \
+} \
+TF_FN T tf_pow_##t(T a, T b) { \
+  if (b < 0) return a == 1 ? 1 : (a == (T)-1 && (T)-1 < 0) ? ((b & 1) ? a : 1) : 0; \
+  U result = 1, base = (U)a; \
+  while (b) { if (b & 1) result *= base; b /= 2; base *= base; } \
+  return (T)result; \
+} \
+TF_FN T tf_shl_##t(T a, T b) { return (b < 0 || b >= BITS) ? 0 : (T)((U)a << b); } \
+TF_FN T tf_shr_##t(T a, T b) { return (b < 0 || b >= BITS) ? (T)(a >> (BITS - 1)) : (T)(a >> b); }
+TF_INT_HELPERS(u8, uint8_t, uint32_t, 8)
+TF_INT_HELPERS(i8, int8_t, uint32_t, 8)
+TF_INT_HELPERS(i16, int16_t, uint32_t, 16)
+TF_INT_HELPERS(i32, int32_t, uint32_t, 32)
+TF_INT_HELPERS(i64, int64_t, uint64_t, 64)
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class TypedGraph:
+    """A FusionGraph with a dtype for every value, as eager computes them for one ArgSpec."""
+
+    graph: FusionGraph
+    dtypes: tuple[torch.dtype, ...]
+    selected: tuple[ops.Selected, ...]  # one per op
+
+
+class CStyleRenderer:
+    """Renders a TypedGraph to C-like source; devices subclass it for their loop and preamble."""
+
+    cuda = False  # picks the op table's CUDA overrides
+    preamble = ""  # device includes and primitives, placed before HELPERS
+
+    # ---- values ----------------------------------------------------------------------------
+
+    @staticmethod
+    def ctype(dtype: torch.dtype) -> str:
+        return C_TYPES[dtype]
+
+    @staticmethod
+    def literal(value: bool | int | float, dtype: torch.dtype) -> str:
+        """``value`` as a C constant of ``dtype``'s compute type."""
+        if dtype.is_floating_point:
+            value = float(value)
+            if math.isnan(value):
+                text = "NAN"
+            elif math.isinf(value):
+                text = "INFINITY" if value > 0 else "(-INFINITY)"
+            else:
+                text = value.hex()
+            return f"(({C_TYPES[dtype]}){text})"
+        if dtype == torch.bool:
+            return "1" if value else "0"
+        value = int(value)
+        if dtype in INT_MIN and value == INT_MIN[dtype]:
+            return f"(({C_TYPES[dtype]})({value + 1}LL - 1))"
+        return f"(({C_TYPES[dtype]}){value}LL)"
+
+    def convert(self, expr: str, src: torch.dtype, dst: torch.dtype) -> str:
+        """Convert a value in ``src``'s compute type to ``dst``'s, as eager's casts do."""
+        if dst == torch.bool:
+            return expr if src == torch.bool else f"(({expr}) != 0)"
+        if dst == torch.float16:
+            return f"tf_round_f16((float)({expr}))" if src != torch.float16 else expr
+        if dst == torch.bfloat16:
+            return f"tf_round_bf16((float)({expr}))" if src != torch.bfloat16 else expr
+        if src.is_floating_point and not dst.is_floating_point:
+            wide = "tf_f2i64" if dst == torch.int64 else "tf_f2i32"
+            return f"(({C_TYPES[dst]}){wide}({expr}))"
+        if C_TYPES[src] == C_TYPES[dst]:
+            return expr
+        return f"(({C_TYPES[dst]})({expr}))"
+
+    def load(self, pointer: str, index: str, dtype: torch.dtype) -> str:
+        element = f"{pointer}[{index}]"
+        if dtype == torch.float16:
+            return f"tf_h2f({element})"
+        if dtype == torch.bfloat16:
+            return f"tf_bf2f({element})"
+        return f"({element} != 0)" if dtype == torch.bool else element
+
+    def store(self, pointer: str, index: str, value: str, dtype: torch.dtype) -> str:
+        if dtype == torch.float16:
+            value = f"tf_f2h({value})"
+        elif dtype == torch.bfloat16:
+            value = f"tf_f2bf({value})"
+        return f"{pointer}[{index}] = {value};"
+
+    # ---- the body: one statement per op ---------------------------------------------------
+
+    def _operand(self, operand, cast: torch.dtype | None, dtypes: Sequence[torch.dtype]):
+        if operand is None:
+            return None
+        if isinstance(operand, Const):
+            value = operand.value
+            return ops.Operand(self.literal(value, cast), const=value, dtype=cast)
+        src = dtypes[operand.id]
+        return ops.Operand(self.convert(f"v{operand.id}", src, cast), dtype=src)
+
+    def op_expr(self, typed: TypedGraph, k: int) -> str:
+        """The C expression of op ``k``, converted to its output dtype."""
+        graph, dtypes, selected = typed.graph, typed.dtypes, typed.selected[k]
+        op = graph.ops[k]
+        out = dtypes[graph.n_inputs + k]
+        operands = [self._operand(o, c, dtypes) for o, c in zip(op.operands, selected.casts)]
+        compute = selected.compute
+        ctx = ops.Ctx(
+            compute=compute,
+            out=out,
+            attrs={name: attr_value(v) for name, v in op.attrs},
+            T=C_TYPES[compute],
+            U="uint64_t" if compute == torch.int64 else "uint32_t",
+            t=INT_TAGS.get(compute, ""),
+            f="f" if C_TYPES[compute] == "float" else "",
+            cuda=self.cuda,
+        )
+        template = selected.template
+        if callable(template):
+            expr = template(ctx, *operands)
+        else:
+            expr = ctx.fmt(template, operands)
+        result = torch.bool if selected.op.boolean else compute
+        return self.convert(f"({expr})", result, out)
+
+    def body(self, typed: TypedGraph) -> list[str]:
+        """Statements computing every op's value ``v<id>`` from the loaded inputs."""
+        n = typed.graph.n_inputs
+        return [
+            f"{C_TYPES[typed.dtypes[n + k]]} v{n + k} = {self.op_expr(typed, k)};"
+            for k in range(len(typed.graph.ops))
+        ]
+
+    # ---- index expressions shared by the loops ---------------------------------------------
+
+    @staticmethod
+    def inner_index(code: str, base: str, j: str, stride: str) -> str:
+        if code == CONTIG:
+            return f"{base} + {j}" if base != "0" else j
+        if code == BROADCAST:
+            return base
+        return f"{base} + {j} * {stride}" if base != "0" else f"{j} * {stride}"
+
+    def render(self, typed: TypedGraph, argspec: ArgSpec) -> str:  # pragma: no cover
+        raise NotImplementedError

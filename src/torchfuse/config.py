@@ -1,0 +1,92 @@
+"""Every knob of torchfuse, in one typed place.
+
+Each field is read once from its ``TORCHFUSE_*`` environment variable when torchfuse is imported,
+and can be changed in code for a block with :func:`override`::
+
+    with torchfuse.config.override(debug=4):
+        fn(x)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return os.path.join(base, "torchfuse")
+
+
+@dataclasses.dataclass
+class Config:
+    disable: bool = dataclasses.field(default_factory=lambda: _flag("TORCHFUSE_DISABLE"))
+    """TORCHFUSE_DISABLE=1: fuse nothing; every fusion runs through the fallback."""
+
+    debug: int = dataclasses.field(default_factory=lambda: _int("TORCHFUSE_DEBUG", 0))
+    """TORCHFUSE_DEBUG: 1 groups and fallbacks, 2 timings, 3 fusion decisions, 4 kernel source."""
+
+    cc: str = dataclasses.field(default_factory=lambda: os.environ.get("TORCHFUSE_CC", "cc"))
+    """TORCHFUSE_CC: the C compiler for CPU kernels (a name on PATH or a path)."""
+
+    cflags: str = dataclasses.field(default_factory=lambda: os.environ.get("TORCHFUSE_CFLAGS", ""))
+    """TORCHFUSE_CFLAGS: extra flags appended to the C compiler's command line."""
+
+    check: bool = dataclasses.field(default_factory=lambda: _flag("TORCHFUSE_CHECK"))
+    """TORCHFUSE_CHECK=1: run the fallback beside every fused kernel and compare the results."""
+
+    cache: bool = dataclasses.field(default_factory=lambda: _flag("TORCHFUSE_CACHE", True))
+    """TORCHFUSE_CACHE=0: keep compiled kernels in memory only (no disk tier)."""
+
+    cache_dir: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("TORCHFUSE_CACHE_DIR") or _default_cache_dir()
+    )
+    """TORCHFUSE_CACHE_DIR: where compiled kernels are kept between processes."""
+
+    parallel_threshold: int = dataclasses.field(
+        default_factory=lambda: _int("TORCHFUSE_PARALLEL_THRESHOLD", 32768)
+    )
+    """TORCHFUSE_PARALLEL_THRESHOLD: CPU kernels use OpenMP threads from this many elements."""
+
+
+config = Config()
+
+
+@contextlib.contextmanager
+def override(**changes: object) -> Iterator[Config]:
+    """Change config fields for the duration of a ``with`` block, then restore them."""
+    unknown = set(changes) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise AttributeError(f"torchfuse.config has no field(s) {sorted(unknown)}")
+    saved = {name: getattr(config, name) for name in changes}
+    for name, value in changes.items():
+        setattr(config, name, value)
+    try:
+        yield config
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
+
+
+def log(level: int, message: str) -> None:
+    """Print ``message`` to stderr when TORCHFUSE_DEBUG is at least ``level``."""
+    if config.debug >= level:
+        print(f"[torchfuse] {message}", file=sys.stderr, flush=True)

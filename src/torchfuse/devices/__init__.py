@@ -1,0 +1,78 @@
+"""Device backends, one per ``torch.device.type``, in a registry: the only place devices differ.
+
+A backend renders source (its renderer), compiles source to a binary, loads a binary into a
+launch function, and describes its target (compiler, version, architecture) for cache keys.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from ..codegen import CStyleRenderer
+
+
+class CompileError(RuntimeError):
+    """The device compiler rejected generated source; the message says how to reproduce it."""
+
+
+class Backend(Protocol):
+    renderer: CStyleRenderer
+
+    def unavailable(self) -> str | None:
+        """Why this backend cannot compile here (no compiler, no driver), or None."""
+
+    def target(self, device: torch.device) -> str:
+        """Everything about the target that changes a binary: goes into every cache key."""
+
+    def compile(self, source: str, device: torch.device) -> bytes:
+        """Source to a loadable binary. Raises CompileError."""
+
+    def load(self, binary: bytes, device: torch.device) -> Callable[..., int]:
+        """A binary to ``launch(numel, sizes, strides, tensors) -> error code``."""
+
+    def device_key(self, device: torch.device) -> str:
+        """The part of an ArgSpec naming the device: kernels are shared between equal keys."""
+
+
+# device type -> module path of its backend; imported on first use so that a missing optional
+# dependency (the CUDA bindings) costs nothing until a tensor of that device type shows up.
+_MODULES = {"cpu": "torchfuse.devices.cpu"}
+_backends: dict[str, Backend | None] = {}
+_enabled: dict[str, bool] = {}
+
+
+def register(device_type: str, module: str) -> None:
+    """Make ``module`` (which defines ``BACKEND``) the backend of ``device_type``."""
+    _MODULES[device_type] = module
+    _backends.pop(device_type, None)
+
+
+def get(device_type: str) -> Backend | None:
+    """The backend of a device type, or None when there is none or it is disabled."""
+    if not _enabled.get(device_type, True):
+        return None
+    if device_type not in _backends:
+        module = _MODULES.get(device_type)
+        _backends[device_type] = importlib.import_module(module).BACKEND if module else None
+    return _backends[device_type]
+
+
+def why_not(device_type: str) -> str | None:
+    """Why kernels cannot be fused for this device type, or None if they can."""
+    if not _enabled.get(device_type, True):
+        return f"fusion is disabled for {device_type}"
+    if device_type not in _MODULES:
+        return f"torchfuse has no backend for {device_type}"
+    try:
+        backend = get(device_type)
+    except ImportError as error:
+        return f"the {device_type} backend cannot be imported: {error}"
+    return backend.unavailable()
+
+
+def set_enabled(device_type: str, enabled: bool) -> None:
+    _enabled[device_type] = bool(enabled)

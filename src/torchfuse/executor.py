@@ -1,0 +1,189 @@
+"""The executor: the hot path of ``run_fusion``.
+
+Devices agree? Broadcast shape, per-operand strides with broadcast dimensions at stride 0, the
+dimensions every operand walks contiguously merged into one; the ArgSpec key; the kernel from
+the spec's store (compiled on a miss); outputs allocated; launch; outputs returned. Anything a
+kernel cannot do goes to the fallback, which gives eager's result or raises eager's error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from . import devices, fallback
+from .cache import STATS, count
+from .compiler import build
+from .config import config, log
+from .spec import BROADCAST, CONTIG, ERRORS, STRIDED, ArgSpec, KernelSpec
+
+_Tensor = torch.Tensor
+
+
+class NoKernel(Exception):
+    """This call cannot run a fused kernel; the message says why."""
+
+
+def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Run one fusion: a fused kernel where possible, else the fallback."""
+    try:
+        if config.disable:
+            raise NoKernel("TORCHFUSE_DISABLE is set")
+        key, device, numel, sizes, strides, out_shapes = plan(spec, inputs)
+    except NoKernel as why:
+        return _fallback(spec, inputs, str(why))
+    kernel = spec.kernels.get(key)
+    if kernel is None:
+        count(misses=1)
+        argspec = ArgSpec.from_key(key, len(out_shapes))
+        kernel = spec.kernels.get_or_build(key, lambda: build(spec, argspec, device))
+    else:
+        STATS.hits += 1  # racy but cheap: statistics, not correctness
+    if kernel.launch is None:
+        return _fallback(spec, inputs, kernel.reason)
+    outputs = [
+        torch.empty(shape, dtype=dtype, device=device)
+        for shape, dtype in zip(out_shapes, kernel.out_dtypes)
+    ]
+    if numel:
+        error = kernel.launch(numel, sizes, strides, [*inputs, *outputs])
+        if error:
+            # Eager raises here; the fallback raises eager's own exception.
+            return _fallback(spec, inputs, ERRORS.get(error, f"kernel error {error}"))
+    if config.check:
+        _check(spec, inputs, outputs)
+    return tuple(outputs)
+
+
+def plan(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple:
+    """(argspec key, device, numel, sizes, strides, output shapes) for one call.
+
+    Raises:
+        NoKernel: the call must run through the fallback.
+    """
+    if len(inputs) != spec.graph.n_inputs:
+        raise NoKernel(f"expected {spec.graph.n_inputs} inputs, got {len(inputs)}")
+    first = inputs[0]
+    if not isinstance(first, _Tensor):
+        raise NoKernel("inputs must be tensors")
+    device, shape = first.device, first.shape
+    grad = torch.is_grad_enabled()
+    same_shape = contiguous = True
+    for t in inputs:
+        if not isinstance(t, _Tensor):
+            raise NoKernel("inputs must be tensors")
+        if t.device != device:
+            raise NoKernel(f"inputs on different devices ({device} and {t.device})")
+        if grad and t.requires_grad:
+            raise NoKernel("an input requires grad (autograd needs eager ops)")
+        if t.shape != shape:
+            same_shape = False
+        elif not t.is_contiguous():
+            contiguous = False
+    backend = devices.get(device.type)
+    if backend is None:
+        raise NoKernel(devices.why_not(device.type) or f"no backend for {device.type}")
+    dtypes = tuple(t.dtype for t in inputs)
+    n_out = len(spec.output_deps)
+    if same_shape and contiguous and spec.full_outputs:
+        numel = first.numel()
+        key = (backend.device_key(device), dtypes, None)
+        return key, device, numel, [numel], [1] * (len(inputs) + n_out), [shape] * n_out
+    return _general_plan(spec, inputs, device, backend.device_key(device), dtypes)
+
+
+def _broadcast(shapes: Sequence[Sequence[int]]) -> list[int]:
+    rank = max((len(s) for s in shapes), default=0)
+    out = [1] * rank
+    for s in shapes:
+        offset = rank - len(s)
+        for d, n in enumerate(s):
+            m = out[offset + d]
+            if n != m:
+                if m == 1:
+                    out[offset + d] = n
+                elif n != 1:
+                    raise NoKernel(f"shapes {[list(s) for s in shapes]} do not broadcast")
+    return out
+
+
+def _aligned(shape: Sequence[int], strides: Sequence[int], rank: int) -> list[int]:
+    """Strides over the iteration space of ``rank`` dims: 0 where the operand is broadcast."""
+    pad = rank - len(shape)
+    return [0] * pad + [s if n != 1 else 0 for n, s in zip(shape, strides)]
+
+
+def _contiguous_strides(shape: Sequence[int]) -> list[int]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return strides[::-1]
+
+
+def _general_plan(spec, inputs, device, device_key, dtypes) -> tuple:
+    shapes = [t.shape for t in inputs]
+    shape = _broadcast(shapes)
+    every = frozenset(range(len(inputs)))
+    out_shapes = [
+        shape if deps == every else _broadcast([shapes[i] for i in sorted(deps)])
+        for deps in spec.output_deps
+    ]
+    rank = len(shape)
+    strides = [_aligned(t.shape, t.stride(), rank) for t in inputs]
+    strides += [_aligned(s, _contiguous_strides(s), rank) for s in out_shapes]
+    # Merge each dimension into the previous one wherever every operand allows it.
+    sizes: list[int] = []
+    merged: list[list[int]] = [[] for _ in strides]
+    for d, n in enumerate(shape):
+        if n == 1:
+            continue
+        if sizes and all(m[-1] == s[d] * n for m, s in zip(merged, strides)):
+            sizes[-1] *= n
+            for m, s in zip(merged, strides):
+                m[-1] = s[d]
+        else:
+            sizes.append(n)
+            for m, s in zip(merged, strides):
+                m.append(s[d])
+    if not sizes:  # a single element
+        sizes, merged = [1], [[1] for _ in strides]
+    n_in = len(inputs)
+    inner = tuple(_code(m[-1]) for m in merged[:n_in])
+    outputs = tuple((_code(m[-1]), 0 in m) for m in merged[n_in:])
+    zero_dim = tuple(t.dim() == 0 for t in inputs)
+    if all(zero_dim):
+        zero_dim = (False,) * n_in  # only a mix of 0-d and n-d changes type promotion
+    flat = (len(sizes) == 1 and all(c == CONTIG for c in inner) and not any(zero_dim)
+            and all(o == (CONTIG, False) for o in outputs))
+    layout = None if flat else (len(sizes), inner, zero_dim, outputs)
+    numel = math.prod(shape)
+    flat_strides = [s for m in merged for s in m]
+    return (device_key, dtypes, layout), device, numel, sizes, flat_strides, out_shapes
+
+
+def _code(stride: int) -> str:
+    return CONTIG if stride == 1 else BROADCAST if stride == 0 else STRIDED
+
+
+def _fallback(spec: KernelSpec, inputs: Sequence, why: str) -> tuple[torch.Tensor, ...]:
+    count(fallbacks=1)
+    if config.debug >= 1:
+        with spec.lock:
+            first = why not in spec.warned
+            spec.warned.add(why)
+        if first:
+            log(1, f"fusion {spec.key} runs through the fallback: {why}")
+    return fallback.run(spec.graph, inputs)
+
+
+def _check(spec: KernelSpec, inputs: Sequence, outputs: Sequence[torch.Tensor]) -> None:
+    """TORCHFUSE_CHECK: compare the kernel's results with the fallback's."""
+    expected = fallback.run(spec.graph, inputs)
+    for k, (got, want) in enumerate(zip(outputs, expected)):
+        try:
+            torch.testing.assert_close(got, want, equal_nan=True)
+        except AssertionError as error:
+            raise AssertionError(f"fusion {spec.key} output {k} differs from eager:\n{error}")

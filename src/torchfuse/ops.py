@@ -1,0 +1,498 @@
+"""The op table: the single source of truth for what torchfuse fuses and how each op renders.
+
+Each :class:`OpDef` names the ATen op packets it covers, how operands are cast before computing,
+and one C expression per *type class* of the compute dtype: ``f`` (floating), ``i`` (integer),
+``b`` (bool). A missing class means "not fusible for this dtype" and sends that call to the
+fallback, which then gives eager's result or error.
+
+Operands are an op's Tensor and Scalar arguments in schema order, named ``{a} {b} {c} {d}`` in
+templates; the other arguments (strings, dtypes, optional floats) are *attributes*. Templates may
+also use ``{T}`` (the compute C type), ``{U}`` (its unsigned twin, 32 or 64 bits wide), ``{t}``
+(a short type tag used by integer helpers, e.g. ``i32``) and ``{f}`` (the C math suffix, ``f`` for
+float). ``err`` is the kernel's error flag: integer helpers set it on division by zero.
+
+The fusion pass asks :func:`support` whether a node fuses, and the code generator asks
+:func:`select` how to render it, so "fusible" and "renderable" cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+class Unsupported(Exception):
+    """An op, attribute or dtype that the code generator does not render."""
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+DTYPES = (*FLOAT_DTYPES, *INT_DTYPES, torch.bool)
+
+
+def type_class(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "f"
+    return "b" if dtype == torch.bool else "i"
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+    """One operand as the renderer sees it: a C expression in the compute type."""
+
+    expr: str
+    const: Any = None  # the Python value when the operand is a constant, else None
+    dtype: torch.dtype | None = None  # the operand's own dtype (before casting)
+
+    def __str__(self) -> str:
+        return self.expr
+
+    def is_const(self, value: float) -> bool:
+        return self.const is not None and not isinstance(self.const, bool) and self.const == value
+
+
+@dataclasses.dataclass(frozen=True)
+class Ctx:
+    """What a render function may know: compute dtype, its C names, attributes, the target."""
+
+    compute: torch.dtype
+    out: torch.dtype
+    attrs: dict
+    T: str
+    U: str
+    t: str
+    f: str
+    cuda: bool = False
+
+    def fmt(self, template: str, operands: Sequence[Operand]) -> str:
+        names = dict(zip("abcd", (o.expr for o in operands)))
+        return template.format(T=self.T, U=self.U, t=self.t, f=self.f, **names)
+
+
+Render = Callable[..., str]  # (ctx, *operands) -> C expression
+
+
+@dataclasses.dataclass(frozen=True)
+class OpDef:
+    name: str
+    packets: tuple[str, ...]
+    f: str | Render | None = None
+    i: str | Render | None = None
+    b: str | Render | None = None
+    compute: str | tuple[str, ...] = "out"
+    """How operands are cast before computing: "out" to the output dtype, "common" to the
+    promoted dtype of the operands (comparisons), "none" not at all; or one of those per operand."""
+    boolean: bool = False
+    """The expression is a C truth value (the output dtype is bool)."""
+    check: Callable[[dict], str | None] | None = None
+    """attributes -> the reason this call is not fused, or None."""
+    cuda: dict = dataclasses.field(default_factory=dict)
+    """Per type class, an expression that replaces the C one in CUDA source."""
+
+    def template(self, cls: str, cuda: bool = False) -> str | Render | None:
+        if cuda and cls in self.cuda:
+            return self.cuda[cls]
+        return getattr(self, cls)
+
+
+# --- render functions for the ops a template cannot say -------------------------------------------
+
+
+def _axpy(sign: str, swap: bool = False) -> dict:
+    """add / sub / rsub: a (+|-) alpha * b, wrapping for integers."""
+
+    def f(ctx: Ctx, a: Operand, b: Operand, alpha: Operand) -> str:
+        a, b = (b, a) if swap else (a, b)
+        return f"{a} {sign} {b}" if alpha.is_const(1) else f"{a} {sign} {alpha} * {b}"
+
+    def i(ctx: Ctx, a: Operand, b: Operand, alpha: Operand) -> str:
+        a, b = (b, a) if swap else (a, b)
+        scaled = f"({ctx.U}){b}" if alpha.is_const(1) else f"({ctx.U}){alpha} * ({ctx.U}){b}"
+        return f"({ctx.T})(({ctx.U}){a} {sign} {scaled})"
+
+    def b(ctx: Ctx, a: Operand, b: Operand, alpha: Operand) -> str:
+        a, b = (b, a) if swap else (a, b)
+        return f"({a} {sign} {alpha} * {b}) != 0"
+
+    return {"f": f, "i": i, "b": b}
+
+
+def _div_mode(mode: str | None) -> dict:
+    if mode is None:
+        return {"f": "{a} / {b}"}
+    if mode == "trunc":
+        return {"f": "trunc{f}({a} / {b})", "i": "tf_div_trunc_{t}({a}, {b}, &err)"}
+    return {"f": "tf_div_floor{f}({a}, {b})", "i": "tf_div_floor_{t}({a}, {b}, &err)"}
+
+
+def _div(cls: str) -> Render:
+    def render(ctx: Ctx, a: Operand, b: Operand) -> str:
+        template = _div_mode(ctx.attrs.get("rounding_mode")).get(cls)
+        if template is None:
+            raise Unsupported(f"div with rounding_mode={ctx.attrs.get('rounding_mode')} on {cls}")
+        return ctx.fmt(template, (a, b))
+
+    return render
+
+
+_POW_SPECIAL = {
+    2.0: "{a} * {a}",
+    3.0: "{a} * {a} * {a}",
+    0.5: "sqrt{f}({a})",
+    -0.5: "1 / sqrt{f}({a})",
+    -1.0: "1 / {a}",
+    -2.0: "1 / ({a} * {a})",
+    1.0: "{a}",
+}
+
+
+def _pow_f(ctx: Ctx, a: Operand, b: Operand) -> str:
+    # Eager special-cases these exponents the same way (pow_tensor_scalar_optimized_kernel).
+    if b.const is not None and float(b.const) in _POW_SPECIAL:
+        return ctx.fmt(_POW_SPECIAL[float(b.const)], (a,))
+    return ctx.fmt("pow{f}({a}, {b})", (a, b))
+
+
+def _clamp(ctx: Ctx, x: Operand, lo: Operand, hi: Operand) -> str:
+    # clamp(x, lo, hi) = min(max(x, lo), hi), and any NaN (in x or a bound) gives NaN.
+    # Missing bounds arrive as None.
+    floating = ctx.compute.is_floating_point
+    out = x.expr
+    if lo is not None:
+        out = f"tf_max{ctx.f}({out}, {lo})" if floating else f"TF_MAX({out}, {lo})"
+    if hi is not None:
+        out = f"tf_min{ctx.f}({out}, {hi})" if floating else f"TF_MIN({out}, {hi})"
+    return out
+
+
+_GELU = {
+    "none": "0.5{F} * {a} * (1 + erf{f}({a} * 0.70710678118654752440{F}))",
+    "tanh": "0.5{F} * {a} * (1 + tanh{f}(0.79788456080286535588{F} * "
+    "({a} + 0.044715{F} * {a} * {a} * {a})))",
+}
+
+
+def _gelu(ctx: Ctx, a: Operand) -> str:
+    template = _GELU[ctx.attrs.get("approximate", "none")]
+    return template.replace("{F}", "f" if ctx.f else "").format(a=a, f=ctx.f)
+
+
+def _logit(ctx: Ctx, a: Operand) -> str:
+    eps = ctx.attrs.get("eps")
+    if eps is None:
+        return f"log{ctx.f}({a} / (1 - {a}))"
+    lo = f"(({ctx.T}){float(eps).hex()})"
+    z = f"({a} < {lo} ? {lo} : ({a} > 1 - {lo} ? 1 - {lo} : {a}))"
+    return f"log{ctx.f}({z} / (1 - {z}))"
+
+
+_FINFO_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.3895313892515355e38}
+
+
+def _nan_to_num(ctx: Ctx, a: Operand) -> str:
+    big = _FINFO_MAX.get(ctx.out, torch.finfo(ctx.out).max)
+    nan = ctx.attrs.get("nan") or 0.0
+    posinf = ctx.attrs.get("posinf")
+    neginf = ctx.attrs.get("neginf")
+    posinf = big if posinf is None else posinf
+    neginf = -big if neginf is None else neginf
+    lit = lambda v: f"(({ctx.T}){float(v).hex()})"
+    return (
+        f"({a} != {a} ? {lit(nan)} : ({a} == INFINITY ? {lit(posinf)} : "
+        f"({a} == -INFINITY ? {lit(neginf)} : {a})))"
+    )
+
+
+def _convert(ctx: Ctx, a: Operand) -> str:
+    # The cast itself happens when the result is stored into a value of the output dtype.
+    return a.expr
+
+
+def _check_to_copy(attrs: dict) -> str | None:
+    for name in ("layout", "device", "pin_memory"):
+        if attrs.get(name) is not None:
+            return f"_to_copy changes {name}"
+    if attrs.get("memory_format") not in (None, torch.preserve_format, torch.contiguous_format):
+        return "_to_copy changes memory format"
+    return None
+
+
+def _check_clone(attrs: dict) -> str | None:
+    if attrs.get("memory_format") not in (None, torch.preserve_format, torch.contiguous_format):
+        return "clone changes memory format"
+    return None
+
+
+def _check_round(attrs: dict) -> str | None:
+    return None if attrs.get("decimals", 0) == 0 else "round with decimals"
+
+
+def _check_div(attrs: dict) -> str | None:
+    mode = attrs.get("rounding_mode")
+    return None if mode in (None, "trunc", "floor") else f"rounding_mode={mode!r}"
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+
+def _fn(name: str, expr: str | None = None, packets: tuple[str, ...] | None = None, **kw) -> OpDef:
+    """A floating-point function that integer inputs reach promoted to float (sin, exp, ...)."""
+    return OpDef(name, packets or (name,), f=expr or f"{name}{{f}}({{a}})", **kw)
+
+
+def _cmp(name: str, op: str) -> OpDef:
+    return OpDef(name, (name,), f=f"{{a}} {op} {{b}}", i=f"{{a}} {op} {{b}}",
+                 b=f"{{a}} {op} {{b}}", compute="common", boolean=True)
+
+
+_IDENTITY = "{a}"
+_WRAP_MUL = "({T})(({U}){a} * ({U}){b})"
+
+OPS: tuple[OpDef, ...] = (
+    # unary floating-point functions
+    *(_fn(n) for n in ("acos", "asin", "atan", "acosh", "asinh", "atanh", "cos", "cosh", "exp",
+                       "expm1", "erf", "erfc", "lgamma", "log", "log10", "log1p", "log2", "sin",
+                       "sinh", "sqrt", "tan", "tanh", "exp2")),
+    _fn("rsqrt", "1 / sqrt{f}({a})"),
+    _fn("reciprocal", "1 / {a}"),
+    _fn("sigmoid", "1 / (1 + exp{f}(-{a}))", packets=("sigmoid", "special_expit")),
+    _fn("frac", "{a} - trunc{f}({a})"),
+    _fn("silu", "{a} / (1 + exp{f}(-{a}))"),
+    _fn("mish", "{a} * tanh{f}(log1p{f}(exp{f}({a})))"),
+    _fn("hardsigmoid", "TF_MIN(TF_MAX({a} + 3, 0), 6) / 6"),
+    _fn("hardswish", "{a} * TF_MIN(TF_MAX({a} + 3, 0), 6) / 6"),
+    _fn("gelu", _gelu),
+    _fn("logit", _logit),
+    _fn("nan_to_num", _nan_to_num),
+    _fn("leaky_relu", "{a} > 0 ? {a} : {a} * {b}"),
+    _fn("elu", "{a} <= 0 ? expm1{f}({a} * {d}) * {b} * {c} : {a} * {c}"),
+    _fn("softplus", "({a} * {b}) > {c} ? {a} : log1p{f}(exp{f}({a} * {b})) / {b}"),
+    _fn("atan2", "atan2{f}({a}, {b})"),
+    _fn("hypot", "hypot{f}({a}, {b})"),
+    _fn("copysign", "copysign{f}({a}, {b})"),
+    _fn("logaddexp", "tf_logaddexp{f}({a}, {b})"),
+    _fn("sigmoid_backward", "{a} * (1 - {b}) * {b}"),
+    _fn("tanh_backward", "{a} * (1 - {b} * {b})"),
+    # rounding: the identity on integers
+    *(OpDef(n, (n,), f=f"{c}{{f}}({{a}})", i=_IDENTITY, b=_IDENTITY)
+      for n, c in (("ceil", "ceil"), ("floor", "floor"), ("trunc", "trunc"), ("round", "rint"))),
+    # sign-like
+    OpDef("abs", ("abs",), f="fabs{f}({a})", i="({T})({a} < 0 ? -({U}){a} : ({U}){a})",
+          b=_IDENTITY),
+    OpDef("neg", ("neg",), f="-{a}", i="({T})(-({U}){a})"),
+    OpDef("sign", ("sign", "sgn"), f="({a} > 0) - ({a} < 0)", i="({a} > 0) - ({a} < 0)",
+          b=_IDENTITY),
+    OpDef("relu", ("relu",), f="({a} > 0 || {a} != {a}) ? {a} : 0", i="{a} > 0 ? {a} : 0"),
+    OpDef("square", ("square",), f="{a} * {a}", i=_WRAP_MUL.replace("{b}", "{a}"),
+          b="{a}"),
+    OpDef("signbit", ("signbit",), f="signbit({a}) != 0", i="{a} < 0", b="0", compute="none",
+          boolean=True),
+    # classification
+    OpDef("isnan", ("isnan",), f="{a} != {a}", i="0", b="0", compute="none", boolean=True),
+    OpDef("isinf", ("isinf",), f="isinf({a}) != 0", i="0", b="0", compute="none", boolean=True),
+    OpDef("isposinf", ("isposinf",), f="{a} == INFINITY", i="0", b="0", compute="none",
+          boolean=True),
+    OpDef("isneginf", ("isneginf",), f="{a} == -INFINITY", i="0", b="0", compute="none",
+          boolean=True),
+    OpDef("isfinite", ("isfinite",), f="isfinite({a}) != 0", i="1", b="1", compute="none",
+          boolean=True),
+    # arithmetic
+    OpDef("add", ("add",), **_axpy("+")),
+    OpDef("sub", ("sub",), **_axpy("-")),
+    OpDef("rsub", ("rsub",), **_axpy("-", swap=True)),
+    OpDef("mul", ("mul",), f="{a} * {b}", i=_WRAP_MUL, b="{a} && {b}"),
+    OpDef("div", ("div", "true_divide"), f=_div("f"), i=_div("i"), check=_check_div),
+    OpDef("floor_divide", ("floor_divide",), f="tf_div_floor{f}({a}, {b})",
+          i="tf_div_floor_{t}({a}, {b}, &err)"),
+    OpDef("remainder", ("remainder",), f="tf_remainder{f}({a}, {b})",
+          i="tf_remainder_{t}({a}, {b}, &err)"),
+    OpDef("fmod", ("fmod",), f="fmod{f}({a}, {b})", i="tf_fmod_{t}({a}, {b}, &err)"),
+    OpDef("pow", ("pow",), f=_pow_f, i="tf_pow_{t}({a}, {b})"),
+    OpDef("maximum", ("maximum",), f="tf_max{f}({a}, {b})", i="TF_MAX({a}, {b})",
+          b="{a} || {b}"),
+    OpDef("minimum", ("minimum",), f="tf_min{f}({a}, {b})", i="TF_MIN({a}, {b})",
+          b="{a} && {b}"),
+    OpDef("fmax", ("fmax",), f="fmax{f}({a}, {b})", i="TF_MAX({a}, {b})", b="{a} || {b}"),
+    OpDef("fmin", ("fmin",), f="fmin{f}({a}, {b})", i="TF_MIN({a}, {b})", b="{a} && {b}"),
+    OpDef("clamp", ("clamp", "clip"), f=_clamp, i=_clamp),
+    OpDef("clamp_min", ("clamp_min",), f="tf_max{f}({a}, {b})", i="TF_MAX({a}, {b})"),
+    OpDef("clamp_max", ("clamp_max",), f="tf_min{f}({a}, {b})", i="TF_MIN({a}, {b})"),
+    OpDef("hardtanh", ("hardtanh",), f="tf_min{f}(tf_max{f}({a}, {b}), {c})",
+          i="TF_MIN(TF_MAX({a}, {b}), {c})"),
+    OpDef("threshold", ("threshold",), f="{a} <= {b} ? {c} : {a}", i="{a} <= {b} ? {c} : {a}"),
+    OpDef("threshold_backward", ("threshold_backward",), f="{b} <= {c} ? 0 : {a}",
+          i="{b} <= {c} ? 0 : {a}"),
+    OpDef("lerp", ("lerp",),
+          f="fabs{f}({c}) < 0.5 ? {a} + {c} * ({b} - {a}) : {b} - ({b} - {a}) * (1 - {c})"),
+    OpDef("addcmul", ("addcmul",), f="{a} + {d} * {b} * {c}",
+          i="({T})(({U}){a} + ({U}){d} * ({U}){b} * ({U}){c})"),
+    OpDef("addcdiv", ("addcdiv",), f="{a} + {d} * {b} / {c}"),
+    # comparisons and logic
+    _cmp("eq", "=="), _cmp("ne", "!="), _cmp("lt", "<"), _cmp("le", "<="), _cmp("gt", ">"),
+    _cmp("ge", ">="),
+    OpDef("logical_not", ("logical_not",), f="!{a}", i="!{a}", b="!{a}", compute="none",
+          boolean=True),
+    *(OpDef(f"logical_{n}", (f"logical_{n}",), f=e, i=e, b=e, compute="none", boolean=True)
+      for n, e in (("and", "({a} != 0) && ({b} != 0)"), ("or", "({a} != 0) || ({b} != 0)"),
+                   ("xor", "({a} != 0) != ({b} != 0)"))),
+    OpDef("bitwise_not", ("bitwise_not",), i="({T})~{a}", b="!{a}"),
+    *(OpDef(f"bitwise_{n}", (f"bitwise_{n}", f"__{n}__"), i=f"{{a}} {c} {{b}}",
+            b=f"{{a}} {c} {{b}}") for n, c in (("and", "&"), ("or", "|"), ("xor", "^"))),
+    OpDef("bitwise_left_shift", ("bitwise_left_shift", "__lshift__"), i="tf_shl_{t}({a}, {b})"),
+    OpDef("bitwise_right_shift", ("bitwise_right_shift", "__rshift__"),
+          i="tf_shr_{t}({a}, {b})"),
+    # selection
+    OpDef("where", ("where",), f="{a} ? {b} : {c}", i="{a} ? {b} : {c}", b="{a} ? {b} : {c}",
+          compute=("none", "out", "out")),
+    OpDef("masked_fill", ("masked_fill",), f="{b} ? {c} : {a}", i="{b} ? {c} : {a}",
+          b="{b} ? {c} : {a}", compute=("out", "none", "out")),
+    # dtype conversion and copies: the store into the output dtype does the work
+    OpDef("convert", ("_to_copy",), f=_convert, i=_convert, b=_convert, compute="none",
+          check=_check_to_copy),
+    OpDef("convert_element_type", ("prims.convert_element_type",), f=_convert, i=_convert,
+          b=_convert, compute="none"),
+    OpDef("clone", ("clone",), f=_IDENTITY, i=_IDENTITY, b=_IDENTITY,
+          check=_check_clone),
+)
+
+
+# --- lookup ---------------------------------------------------------------------------------
+
+
+def _is_value_arg(arg: torch._C.Argument) -> bool:
+    return str(arg.type) in ("Tensor", "number", "Optional[Tensor]", "Optional[number]")
+
+
+def _functional_overloads(packet: torch._ops.OpOverloadPacket) -> list[torch._ops.OpOverload]:
+    """The overloads of a packet that take tensors/scalars and return one new tensor."""
+    found = []
+    for name in packet.overloads():
+        overload = getattr(packet, name)
+        schema = overload._schema
+        returns = [str(r.type) for r in schema.returns]
+        if returns != ["Tensor"] or schema.is_mutable or name.endswith("out"):
+            continue
+        if not any(str(a.type) == "Tensor" for a in schema.arguments):
+            continue
+        found.append(overload)
+    return found
+
+
+def _build_index() -> dict[Any, OpDef]:
+    index: dict[Any, OpDef] = {}
+    for op in OPS:
+        for packet_name in op.packets:
+            namespace, _, name = packet_name.rpartition(".")
+            packet = getattr(getattr(torch.ops, namespace or "aten"), name, None)
+            if packet is None:  # an op this torch version does not have
+                continue
+            for overload in _functional_overloads(packet):
+                index.setdefault(overload, op)
+    return index
+
+
+INDEX: dict[Any, OpDef] = _build_index()
+
+
+def lookup(target: Any) -> OpDef | None:
+    return INDEX.get(target)
+
+
+def split_arguments(target: Any, args: tuple, kwargs: dict) -> tuple[list, dict]:
+    """Bind a call to its schema: (operands in schema order, attributes by name).
+
+    Operands are the Tensor and Scalar arguments (missing optional ones are None); attributes
+    are the rest, defaults filled in.
+    """
+    operands, attrs = [], {}
+    for index, arg in enumerate(target._schema.arguments):
+        if index < len(args) and not arg.kwarg_only:
+            value = args[index]
+        elif arg.name in kwargs:
+            value = kwargs[arg.name]
+        elif arg.has_default_value():
+            value = arg.default_value
+        else:
+            raise TypeError(f"{target} is missing argument {arg.name!r}")
+        if _is_value_arg(arg):
+            operands.append(value)
+        else:
+            attrs[arg.name] = value
+    return operands, attrs
+
+
+def join_arguments(target: Any, operands: Sequence, attrs: dict) -> tuple[list, dict]:
+    """The inverse of :func:`split_arguments`: positional args and kwargs to call ``target``."""
+    args, kwargs, values = [], {}, iter(operands)
+    for arg in target._schema.arguments:
+        value = next(values) if _is_value_arg(arg) else attrs[arg.name]
+        if arg.kwarg_only:
+            kwargs[arg.name] = value
+        else:
+            args.append(value)
+    return args, kwargs
+
+
+def support(target: Any, attrs: dict) -> str | None:
+    """Why a call of ``target`` with these attributes is not fused, or None when it is."""
+    op = lookup(target)
+    if op is None:
+        name = getattr(target, "__name__", str(target))
+        return f"{name} is not a pointwise op torchfuse knows"
+    return op.check(attrs) if op.check else None
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Selected:
+    """How one op renders for given operand dtypes: the template and the casts before it."""
+
+    op: OpDef
+    template: str | Render
+    compute: torch.dtype  # the dtype the expression computes in
+    casts: tuple[torch.dtype | None, ...]  # per operand: the dtype it is cast to first
+
+
+def _dtype_of(value: Any) -> torch.dtype | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.dtype
+    if isinstance(value, bool):
+        return torch.bool
+    return torch.int64 if isinstance(value, int) else torch.float64
+
+
+def select(target: Any, attrs: dict, operands: Sequence[Any], out: torch.dtype,
+           cuda: bool = False) -> Selected:
+    """Choose the template for one call, given its operands (tensors, possibly meta, or numbers).
+
+    Raises:
+        Unsupported: when the op, its attributes or the dtypes are not rendered.
+    """
+    reason = support(target, attrs)
+    if reason:
+        raise Unsupported(reason)
+    op = lookup(target)
+    modes = op.compute if isinstance(op.compute, tuple) else (op.compute,) * len(operands)
+    common = torch.result_type(*operands) if "common" in modes else None
+    casts = []
+    for value, mode in zip(operands, modes):
+        if value is None or mode == "none":
+            casts.append(_dtype_of(value))
+        else:
+            casts.append(out if mode == "out" else common)
+    compute = next((c for c, m in zip(casts, modes) if m != "none" and c is not None), casts[0])
+    for dtype in (out, compute, *casts):
+        if dtype is not None and dtype not in DTYPES:
+            raise Unsupported(f"dtype {dtype}")
+    template = op.template(type_class(compute), cuda)
+    if template is None:
+        raise Unsupported(f"{op.name} is not fused for {compute}")
+    return Selected(op, template, compute, tuple(casts))
