@@ -5,7 +5,7 @@ the CPU, CUDA C on NVIDIA GPUs), compiled at run time, cached, and run; whatever
 or compiled runs through a fallback with eager PyTorch's exact results and errors.
 """
 
-from . import config as _config_module
+from . import capture
 from .config import config
 from .interface import (
     cache_info,
@@ -17,11 +17,19 @@ from .interface import (
     set_fusion_enabled,
 )
 from .ir import FusionGraph, NotFusible
+from .capture import backend, jit
+from .explain import Report, explain
+
+capture._register()
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FusionGraph",
+    "Report",
+    "backend",
+    "explain",
+    "jit",
     "NotFusible",
     "cache_info",
     "can_fuse",

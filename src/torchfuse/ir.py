@@ -120,23 +120,18 @@ def attr_value(value: Any) -> Any:
 
 def from_fx(graph: torch.fx.Graph) -> FusionGraph:
     """Canonicalise an FX graph of fusible ATen ops: placeholders are the inputs."""
-    ids: dict[torch.fx.Node, int] = {}
-    n_inputs = 0
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    ids: dict[torch.fx.Node, int] = {node: i for i, node in enumerate(placeholders)}
     fused: list[Op] = []
     outputs: tuple[int, ...] = ()
     for node in graph.nodes:
-        if node.op == "placeholder":
-            if fused:
-                raise NotFusible(f"{node.name}: placeholders must come before the ops")
-            ids[node] = n_inputs
-            n_inputs += 1
-        elif node.op == "call_function":
+        if node.op == "call_function":
             operands, attrs = ops.split_arguments(node.target, node.args, node.kwargs)
             reason = ops.support(node.target, attrs)
             if reason:
                 raise NotFusible(f"{node.name}: {reason}")
-            ids[node] = len(ids)
             operand_ids = tuple(_operand(a, ids) for a in operands)
+            ids[node] = len(ids)
             fused.append(Op(node.target, operand_ids, tuple((k, _attr(v)) for k, v in attrs.items())))
         elif node.op == "output":
             results = node.args[0]
@@ -144,8 +139,9 @@ def from_fx(graph: torch.fx.Graph) -> FusionGraph:
             if not all(isinstance(r, torch.fx.Node) for r in results):
                 raise NotFusible("every output must be a value of the graph")
             outputs = tuple(ids[r] for r in results)
-        else:
+        elif node.op != "placeholder":
             raise NotFusible(f"{node.name}: {node.op} nodes cannot be fused")
+    n_inputs = len(placeholders)
     if n_inputs == 0:
         raise NotFusible("a fusion needs at least one tensor input")
     return FusionGraph(n_inputs, tuple(fused), outputs)

@@ -1,0 +1,91 @@
+"""Capture: the torch.compile backend and ``torchfuse.jit``.
+
+Dynamo captures the program; AOTAutograd turns it into ATen graphs (forward, and backward when
+inputs require grad), decomposing composite backward ops into pointwise ones; the fusion pass
+then rewrites each graph so that its groups run through ``run_fusion``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch._decomp import get_decompositions
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+
+from . import fusion
+from .config import config, log
+
+aten = torch.ops.aten
+
+# Backward ops whose decompositions are pointwise: fused instead of run as one eager kernel each.
+# (Forward activations like gelu and silu are in the op table themselves.)
+DECOMPOSITIONS = get_decompositions([
+    aten.gelu_backward,
+    aten.silu_backward,
+    aten.mish_backward,
+    aten.hardswish_backward,
+    aten.hardsigmoid_backward,
+    aten.hardtanh_backward,
+    aten.softplus_backward,
+    aten.elu_backward,
+    aten.leaky_relu_backward,
+    aten.logit_backward,
+])
+
+_collectors = threading.local()
+
+
+@contextlib.contextmanager
+def collect() -> Iterator[list[fusion.FusionResult]]:
+    """Gather the FusionResult of every graph compiled in this thread (for ``explain``)."""
+    results: list[fusion.FusionResult] = []
+    stack = getattr(_collectors, "stack", None)
+    if stack is None:
+        stack = _collectors.stack = []
+    stack.append(results)
+    try:
+        yield results
+    finally:
+        stack.pop()
+
+
+def compile_graph(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
+    """AOTAutograd's compiler for forward, backward and inference graphs."""
+    if config.disable:
+        return make_boxed_func(gm.forward)
+    result = fusion.fuse(gm)
+    for results in getattr(_collectors, "stack", ()):
+        results.append(result)
+    log(2, f"graph with {len(result.groups)} fusion group(s), {len(result.left_out)} op(s) left")
+    return make_boxed_func(result.graph.forward)
+
+
+backend = aot_autograd(
+    fw_compiler=compile_graph,
+    bw_compiler=compile_graph,
+    decompositions=DECOMPOSITIONS,
+)
+backend.__name__ = "torchfuse"
+
+
+def _register() -> None:
+    from torch._dynamo.backends import registry
+
+    if "torchfuse" not in registry._COMPILER_FNS:
+        registry.register_backend(compiler_fn=backend, name="torchfuse")
+
+
+def jit(fn: Callable | torch.nn.Module | None = None, *, dynamic: bool | None = None,
+        fullgraph: bool = False) -> Any:
+    """Compile ``fn`` (a function or nn.Module) with torchfuse: ``torch.compile`` with our backend.
+
+    Usable as ``torchfuse.jit(fn)`` or as a decorator, ``@torchfuse.jit``.
+    """
+    if fn is None:
+        return lambda f: jit(f, dynamic=dynamic, fullgraph=fullgraph)
+    return torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=fullgraph)

@@ -1,0 +1,157 @@
+"""The fusion pass: fusible nodes of an ATen FX graph -> cycle-free groups -> fusion nodes.
+
+torch.fx's CapabilityBasedPartitioner proposes the groups; the op table (through
+:func:`node_reason`) decides what is fusible, so the partitioner and the code generator agree.
+Every group becomes one ``run_fusion(key, ...)`` call in the graph; every op left out keeps the
+reason it was left out, for ``explain`` and TORCHFUSE_DEBUG=3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import operator
+
+import torch
+import torch.fx
+from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
+from torch.fx.passes.operator_support import OperatorSupportBase
+
+from . import devices, ops
+from .config import log
+from .interface import register_fusion, run_fusion
+
+LONE = "no fusible neighbour: one op alone runs as fast in eager"
+
+
+@dataclasses.dataclass
+class Group:
+    name: str
+    key: int
+    ops: list[str]  # "name = target" of each op in the group
+    inputs: list[str]
+    outputs: list[str]
+    graph: torch.fx.GraphModule
+    example_inputs: list  # the inputs' meta values (fake tensors), for rendering source
+    source: str = ""  # the kernel's source, filled in by explain
+
+
+@dataclasses.dataclass
+class FusionResult:
+    """What the pass did to one graph: its groups and every op it left out, with the reason."""
+
+    groups: list[Group]
+    left_out: list[tuple[str, str, str]]  # (node name, target, reason)
+    graph: torch.fx.GraphModule
+
+
+def _target_name(target) -> str:
+    return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(
+        target, "__name__", str(target))
+
+
+def node_reason(node: torch.fx.Node) -> str | None:
+    """Why ``node`` cannot join a fusion group, or None when it can."""
+    if node.op != "call_function" or node.target is operator.getitem:
+        return f"{node.op} is not a computation"
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return "does not produce a single tensor"
+    if val.layout != torch.strided:
+        return f"layout {val.layout}"
+    if val.dtype not in ops.DTYPES:
+        return f"dtype {val.dtype} is not fused"
+    why = devices.why_not(val.device.type)
+    if why:
+        return why
+    try:
+        operands, attrs = ops.split_arguments(node.target, node.args, node.kwargs)
+    except (TypeError, AttributeError, IndexError) as error:
+        return ops.support(node.target, {}) or str(error)
+    values = []
+    for operand in operands:
+        if isinstance(operand, torch.fx.Node):
+            operand = operand.meta.get("val")
+            if not isinstance(operand, torch.Tensor):
+                return "an operand is a symbolic scalar, not a tensor"
+            if operand.device != val.device:
+                return f"operands on different devices ({operand.device}, {val.device})"
+        elif operand is not None and not isinstance(operand, (bool, int, float)):
+            return f"operand of type {type(operand).__name__}"
+        values.append(operand)
+    try:
+        ops.select(node.target, attrs, values, val.dtype, cuda=val.device.type == "cuda")
+    except ops.Unsupported as error:
+        return str(error)
+    return None
+
+
+class _Support(OperatorSupportBase):
+    def __init__(self) -> None:
+        self.reasons: dict[torch.fx.Node, str] = {}
+
+    def is_node_supported(self, submodules, node: torch.fx.Node) -> bool:
+        reason = node_reason(node)
+        if reason is not None:
+            self.reasons[node] = reason
+        return reason is None
+
+
+_PARTITIONER_OPTIONS = (
+    {"skip_horizontal_fusion": True}
+    if "skip_horizontal_fusion" in inspect.signature(CapabilityBasedPartitioner).parameters
+    else {}
+)
+
+
+def fuse(gm: torch.fx.GraphModule) -> FusionResult:
+    """Replace each group of fusible nodes in ``gm`` with one ``run_fusion`` call, in place."""
+    support = _Support()
+    partitioner = CapabilityBasedPartitioner(
+        gm, support, allows_single_node_partition=False, **_PARTITIONER_OPTIONS
+    )
+    partitions = partitioner.propose_partitions()
+    grouped = {n for p in partitions for n in p.nodes}
+    left_out = [
+        (n.name, _target_name(n.target), support.reasons.get(n, LONE))
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target is not operator.getitem and n not in grouped
+    ]
+    fused = partitioner.fuse_partitions(partitions, prefix="fusion_")
+    groups = [_replace(fused, node) for node in list(fused.graph.nodes)
+              if node.op == "call_module" and node.target.startswith("fusion_")]
+    fused.graph.lint()
+    fused.recompile()
+    for name, target, reason in left_out:
+        log(3, f"left out {name} ({target}): {reason}")
+    for group in groups:
+        log(1, f"{group.name} (key {group.key}): {', '.join(group.ops)}")
+    return FusionResult(groups, left_out, fused)
+
+
+def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Group:
+    """Swap one fused submodule for ``run_fusion(key, *inputs)``."""
+    sub = getattr(gm, node.target)
+    key = register_fusion(sub)
+    result = sub.graph.output_node().args[0]
+    single = not isinstance(result, (tuple, list))
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_function(run_fusion, (key, *node.args))
+        value = gm.graph.call_function(operator.getitem, (call, 0)) if single else call
+    value.meta = dict(node.meta)
+    outputs = result if not single else (result,)
+    group = Group(
+        name=node.target,
+        key=key,
+        ops=[f"{n.name} = {_target_name(n.target)}" for n in sub.graph.nodes
+             if n.op == "call_function"],
+        inputs=[str(a) for a in node.args],
+        outputs=[o.name for o in outputs],
+        graph=sub,
+        example_inputs=[a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+                        for a in node.args],
+    )
+    node.replace_all_uses_with(value)
+    gm.graph.erase_node(node)
+    gm.delete_submodule(node.target)
+    return group
