@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from . import devices, fallback, ops
+from . import devices, diskcache, fallback, ops
 from .cache import SPECS, count
 from .codegen import TypedGraph
 from .config import log
@@ -75,14 +75,18 @@ def build(spec: KernelSpec, argspec: ArgSpec, device: torch.device) -> Kernel:
     backend = devices.get(device.type)
     start = time.perf_counter()
     try:
-        binary = backend.compile(source, device)
+        binary, compiled = diskcache.load_or_compile(backend, source, device)
         launch = backend.load(binary, device)
     except Exception as error:
         _warn_once(spec, f"torchfuse: fusion {spec.key} runs through the fallback: {error}")
         return Kernel(source, out_dtypes, None, f"compile failed: {error}")
     seconds = time.perf_counter() - start
-    count(compiles=1, compile_seconds=seconds)
-    log(2, f"fusion {spec.key}: compiled for {argspec.device} in {seconds * 1000:.1f} ms")
+    if compiled:
+        count(compiles=1, compile_seconds=seconds)
+    else:
+        count(disk_hits=1)
+    verb = "compiled" if compiled else "loaded from disk"
+    log(2, f"fusion {spec.key}: {verb} for {argspec.device} in {seconds * 1000:.1f} ms")
     return Kernel(source, out_dtypes, launch)
 
 
