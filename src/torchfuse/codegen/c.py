@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..config import config
 from ..spec import BROADCAST, ArgSpec
-from .cstyle import HELPERS, STORAGE_TYPES, CStyleRenderer, TypedGraph
+from .cstyle import STORAGE_TYPES, CStyleRenderer, TypedGraph, helpers_for
 
 PREAMBLE = r"""#include <stdint.h>
 #include <stdbool.h>
@@ -59,7 +59,8 @@ class CRenderer(CStyleRenderer):
         else:
             lines += self._rows(typed, argspec, codes, parallel)
         lines += ["  return err;", "}"]
-        return "\n".join([self.preamble, HELPERS, *lines, ""])
+        kernel = "\n".join(lines)
+        return "\n".join([self.preamble, helpers_for(kernel), "", kernel, ""])
 
     def _rows(self, typed: TypedGraph, argspec: ArgSpec, codes: list[str], parallel: str):
         """Rank >= 2: one parallel loop over rows (all outer dims), a simd loop over the inner."""

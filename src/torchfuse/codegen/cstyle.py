@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -40,30 +41,33 @@ INT_MIN = {torch.int8: -(2**7), torch.int16: -(2**15), torch.int32: -(2**31),
            torch.int64: -(2**63)}
 
 
-# Helpers every device shares. TF_FN, tf_half, tf_h2f/tf_f2h and tf_f2u/tf_u2f come from the
-# device's own preamble. Integer helpers never divide by zero, never overflow a signed type and
-# never shift out of range: they set *err (division by zero) or wrap, as eager does.
-HELPERS = r"""
+# Helpers every device shares, in dependency order; a kernel includes only those it uses.
+# TF_FN, tf_half, tf_h2f/tf_f2h and tf_f2u/tf_u2f come from the device's own preamble. Integer
+# helpers never divide by zero, never overflow a signed type and never shift out of range: they
+# set *err (division by zero) or wrap, as eager does.
+HELPERS: list[tuple[tuple[str, ...], str]] = [
+    (("TF_MAX", "TF_MIN"), r"""
 #define TF_MAX(a, b) ((a) < (b) ? (b) : (a))
-#define TF_MIN(a, b) ((b) < (a) ? (b) : (a))
-
+#define TF_MIN(a, b) ((b) < (a) ? (b) : (a))"""),
+    (("tf_bf2f", "tf_f2bf", "tf_round_bf16"), r"""
 TF_FN float tf_bf2f(uint16_t h) { return tf_u2f((uint32_t)h << 16); }
 TF_FN uint16_t tf_f2bf(float f) {
   uint32_t u = tf_f2u(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  /* NaN */
   return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  /* round to nearest even */
 }
-TF_FN float tf_round_bf16(float f) { return tf_bf2f(tf_f2bf(f)); }
-TF_FN float tf_round_f16(float f) { return tf_h2f(tf_f2h(f)); }
-
+TF_FN float tf_round_bf16(float f) { return tf_bf2f(tf_f2bf(f)); }"""),
+    (("tf_round_f16",), r"""
+TF_FN float tf_round_f16(float f) { return tf_h2f(tf_f2h(f)); }"""),
+    (("tf_f2i32", "tf_f2i64"), r"""
 /* float -> integer as x86 converts (out of range and NaN give the minimum), without UB */
 TF_FN int32_t tf_f2i32(double x) {
   return (x != x || x <= -2147483649.0 || x >= 2147483648.0) ? INT32_MIN : (int32_t)x;
 }
 TF_FN int64_t tf_f2i64(double x) {
   return (x != x || x < -0x1p63 || x >= 0x1p63) ? INT64_MIN : (int64_t)x;
-}
-
+}"""),
+    (("tf_max", "tf_min", "tf_remainder", "tf_div_floor", "tf_logaddexp"), r"""
 #define TF_FLOAT_HELPERS(S, T) \
 TF_FN T tf_max##S(T a, T b) { return (a != a || b != b) ? a + b : TF_MAX(a, b); } \
 TF_FN T tf_min##S(T a, T b) { return (a != a || b != b) ? a + b : TF_MIN(a, b); } \
@@ -88,8 +92,8 @@ TF_FN T tf_logaddexp##S(T a, T b) { \
   return m + log1p##S(exp##S(-fabs##S(a - b))); \
 }
 TF_FLOAT_HELPERS(f, float)
-TF_FLOAT_HELPERS(, double)
-
+TF_FLOAT_HELPERS(, double)"""),
+    (("_u8(", "_i8(", "_i16(", "_i32(", "_i64("), r"""
 #define TF_INT_HELPERS(t, T, U, BITS) \
 TF_FN T tf_div_trunc_##t(T a, T b, int* err) { \
   if (b == 0) { *err = 1; return 0; } \
@@ -122,13 +126,26 @@ TF_FN T tf_pow_##t(T a, T b) { \
   return (T)result; \
 } \
 TF_FN T tf_shl_##t(T a, T b) { return (b < 0 || b >= BITS) ? 0 : (T)((U)a << b); } \
-TF_FN T tf_shr_##t(T a, T b) { return (b < 0 || b >= BITS) ? (T)(a >> (BITS - 1)) : (T)(a >> b); }
-TF_INT_HELPERS(u8, uint8_t, uint32_t, 8)
-TF_INT_HELPERS(i8, int8_t, uint32_t, 8)
-TF_INT_HELPERS(i16, int16_t, uint32_t, 16)
-TF_INT_HELPERS(i32, int32_t, uint32_t, 32)
-TF_INT_HELPERS(i64, int64_t, uint64_t, 64)
-"""
+TF_FN T tf_shr_##t(T a, T b) { return (b < 0 || b >= BITS) ? (T)(a >> (BITS - 1)) : (T)(a >> b); }"""),
+]
+INT_HELPER_TYPES = {"u8": ("uint8_t", "uint32_t", 8), "i8": ("int8_t", "uint32_t", 8),
+                    "i16": ("int16_t", "uint32_t", 16), "i32": ("int32_t", "uint32_t", 32),
+                    "i64": ("int64_t", "uint64_t", 64)}
+
+
+def helpers_for(code: str) -> str:
+    """The shared helpers ``code`` uses (and those they use), in dependency order."""
+    chosen: list[str] = []
+    used = code
+    for names, helper in reversed(HELPERS):
+        if any(name in used for name in names):
+            if helper.lstrip().startswith("#define TF_INT_HELPERS"):
+                helper += "".join(f"\nTF_INT_HELPERS({tag}, {t}, {u}, {bits})"
+                                  for tag, (t, u, bits) in INT_HELPER_TYPES.items()
+                                  if f"_{tag}(" in code)
+            chosen.append(helper)
+            used += helper
+    return "\n".join(reversed(chosen))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +155,14 @@ class TypedGraph:
     graph: FusionGraph
     dtypes: tuple[torch.dtype, ...]
     selected: tuple[ops.Selected, ...]  # one per op
+
+
+def _is_float32(value: float) -> bool:
+    """Whether a double is exactly a float (then ``1.5f`` is the same constant)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0] == value
+    except OverflowError:
+        return False
 
 
 class CStyleRenderer:
@@ -161,9 +186,13 @@ class CStyleRenderer:
                 text = "NAN"
             elif math.isinf(value):
                 text = "INFINITY" if value > 0 else "(-INFINITY)"
+            elif C_TYPES[dtype] == "float" and _is_float32(value):
+                text = f"{value!r}f"
+            elif C_TYPES[dtype] == "float":
+                text = f"(float){value!r}"
             else:
-                text = value.hex()
-            return f"(({C_TYPES[dtype]}){text})"
+                text = repr(value)
+            return f"({text})" if text.startswith(("-", "(")) else text
         if dtype == torch.bool:
             return "1" if value else "0"
         value = int(value)
@@ -235,7 +264,7 @@ class CStyleRenderer:
         else:
             expr = ctx.fmt(template, operands)
         result = torch.bool if selected.op.boolean else compute
-        return self.convert(f"({expr})", result, out)
+        return self.convert(expr, result, out)
 
     def body(self, typed: TypedGraph) -> list[str]:
         """Statements computing every op's value ``v<id>`` from the loaded inputs."""
