@@ -68,6 +68,7 @@ class Ctx:
     U: str
     t: str
     f: str
+    literal: Callable[[float], str]  # renders a Python number as a constant of the compute type
     cuda: bool = False
 
     def fmt(self, template: str, operands: Sequence[Operand]) -> str:
@@ -153,8 +154,10 @@ _POW_SPECIAL = {
 
 
 def _pow_f(ctx: Ctx, a: Operand, b: Operand) -> str:
-    # Eager special-cases these exponents the same way (pow_tensor_scalar_optimized_kernel).
-    if b.const is not None and float(b.const) in _POW_SPECIAL:
+    # Eager special-cases these exponents (pow_tensor_scalar_optimized_kernel), except for
+    # float16; sqrt and pow differ at -inf, so there ±0.5 stay pow.
+    special = ctx.compute != torch.float16 or abs(float(b.const or 0.5)) != 0.5
+    if b.const is not None and float(b.const) in _POW_SPECIAL and special:
         return ctx.fmt(_POW_SPECIAL[float(b.const)], (a,))
     return ctx.fmt("pow{f}({a}, {b})", (a, b))
 
@@ -187,8 +190,8 @@ def _logit(ctx: Ctx, a: Operand) -> str:
     eps = ctx.attrs.get("eps")
     if eps is None:
         return f"log{ctx.f}({a} / (1 - {a}))"
-    lo = f"(({ctx.T}){float(eps).hex()})"
-    z = f"({a} < {lo} ? {lo} : ({a} > 1 - {lo} ? 1 - {lo} : {a}))"
+    lo, hi = ctx.literal(eps), ctx.literal(1 - eps)
+    z = f"({a} < {lo} ? {lo} : ({a} > {hi} ? {hi} : {a}))"
     return f"log{ctx.f}({z} / (1 - {z}))"
 
 
@@ -202,7 +205,7 @@ def _nan_to_num(ctx: Ctx, a: Operand) -> str:
     neginf = ctx.attrs.get("neginf")
     posinf = big if posinf is None else posinf
     neginf = -big if neginf is None else neginf
-    lit = lambda v: f"(({ctx.T}){float(v).hex()})"
+    lit = ctx.literal
     return (
         f"({a} != {a} ? {lit(nan)} : ({a} == INFINITY ? {lit(posinf)} : "
         f"({a} == -INFINITY ? {lit(neginf)} : {a})))"
@@ -261,7 +264,7 @@ OPS: tuple[OpDef, ...] = (
                        "sinh", "sqrt", "tan", "tanh", "exp2")),
     _fn("rsqrt", "1 / sqrt{f}({a})"),
     _fn("reciprocal", "1 / {a}"),
-    _fn("sigmoid", "1 / (1 + exp{f}(-{a}))", packets=("sigmoid", "special_expit")),
+    _fn("sigmoid", "1 / (1 + exp{f}(-{a}))"),
     _fn("frac", "{a} - trunc{f}({a})"),
     _fn("silu", "{a} / (1 + exp{f}(-{a}))"),
     _fn("mish", "{a} * tanh{f}(log1p{f}(exp{f}({a})))"),
@@ -289,10 +292,8 @@ OPS: tuple[OpDef, ...] = (
     OpDef("sign", ("sign", "sgn"), f="({a} > 0) - ({a} < 0)", i="({a} > 0) - ({a} < 0)",
           b=_IDENTITY),
     OpDef("relu", ("relu",), f="({a} > 0 || {a} != {a}) ? {a} : 0", i="{a} > 0 ? {a} : 0"),
-    OpDef("square", ("square",), f="{a} * {a}", i=_WRAP_MUL.replace("{b}", "{a}"),
-          b="{a}"),
-    OpDef("signbit", ("signbit",), f="signbit({a}) != 0", i="{a} < 0", b="0", compute="none",
-          boolean=True),
+    OpDef("signbit", ("signbit",), f="copysign{f}(1, {a}) < 0", i="{a} < 0", b="0", compute="none",
+          boolean=True, cuda={"f": "signbit({a})"}),  # CUDA C++: copysign(int, double) is ambiguous
     # classification
     OpDef("isnan", ("isnan",), f="{a} != {a}", i="0", b="0", compute="none", boolean=True),
     OpDef("isinf", ("isinf",), f="isinf({a}) != 0", i="0", b="0", compute="none", boolean=True),
@@ -300,14 +301,12 @@ OPS: tuple[OpDef, ...] = (
           boolean=True),
     OpDef("isneginf", ("isneginf",), f="{a} == -INFINITY", i="0", b="0", compute="none",
           boolean=True),
-    OpDef("isfinite", ("isfinite",), f="isfinite({a}) != 0", i="1", b="1", compute="none",
-          boolean=True),
     # arithmetic
     OpDef("add", ("add",), **_axpy("+")),
     OpDef("sub", ("sub",), **_axpy("-")),
     OpDef("rsub", ("rsub",), **_axpy("-", swap=True)),
     OpDef("mul", ("mul",), f="{a} * {b}", i=_WRAP_MUL, b="{a} && {b}"),
-    OpDef("div", ("div", "true_divide"), f=_div("f"), i=_div("i"), check=_check_div),
+    OpDef("div", ("div",), f=_div("f"), i=_div("i"), check=_check_div),
     OpDef("floor_divide", ("floor_divide",), f="tf_div_floor{f}({a}, {b})",
           i="tf_div_floor_{t}({a}, {b}, &err)"),
     OpDef("remainder", ("remainder",), f="tf_remainder{f}({a}, {b})",
@@ -320,7 +319,7 @@ OPS: tuple[OpDef, ...] = (
           b="{a} && {b}"),
     OpDef("fmax", ("fmax",), f="fmax{f}({a}, {b})", i="TF_MAX({a}, {b})", b="{a} || {b}"),
     OpDef("fmin", ("fmin",), f="fmin{f}({a}, {b})", i="TF_MIN({a}, {b})", b="{a} && {b}"),
-    OpDef("clamp", ("clamp", "clip"), f=_clamp, i=_clamp),
+    OpDef("clamp", ("clamp",), f=_clamp, i=_clamp),
     OpDef("clamp_min", ("clamp_min",), f="tf_max{f}({a}, {b})", i="TF_MAX({a}, {b})"),
     OpDef("clamp_max", ("clamp_max",), f="tf_min{f}({a}, {b})", i="TF_MIN({a}, {b})"),
     OpDef("hardtanh", ("hardtanh",), f="tf_min{f}(tf_max{f}({a}, {b}), {c})",
@@ -342,7 +341,7 @@ OPS: tuple[OpDef, ...] = (
       for n, e in (("and", "({a} != 0) && ({b} != 0)"), ("or", "({a} != 0) || ({b} != 0)"),
                    ("xor", "({a} != 0) != ({b} != 0)"))),
     OpDef("bitwise_not", ("bitwise_not",), i="({T})~{a}", b="!{a}"),
-    *(OpDef(f"bitwise_{n}", (f"bitwise_{n}", f"__{n}__"), i=f"{{a}} {c} {{b}}",
+    *(OpDef(f"bitwise_{n}", (f"bitwise_{n}",), i=f"{{a}} {c} {{b}}",
             b=f"{{a}} {c} {{b}}") for n, c in (("and", "&"), ("or", "|"), ("xor", "^"))),
     OpDef("bitwise_left_shift", ("bitwise_left_shift", "__lshift__"), i="tf_shl_{t}({a}, {b})"),
     OpDef("bitwise_right_shift", ("bitwise_right_shift", "__rshift__"),

@@ -7,6 +7,8 @@ error code (see spec.ERRORS). The innermost loop is written so that gcc vectoris
 
 from __future__ import annotations
 
+import re
+
 from ..config import config
 from ..spec import BROADCAST, ArgSpec
 from .cstyle import STORAGE_TYPES, CStyleRenderer, TypedGraph, helpers_for
@@ -23,6 +25,36 @@ TF_FN tf_half tf_f2h(float f) { return (tf_half)f; }
 TF_FN uint32_t tf_f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 TF_FN float tf_u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 """
+
+# The math functions glibc (>= 2.35, x86-64) has vector variants of, in libmvec. Declared
+# `simd`, gcc calls those variants from vectorised loops without -ffast-math, so NaN, Inf and
+# signed zeros keep their meaning (accuracy: within 4 ulp). The CPU backend defines
+# TF_VECTOR_MATH, and links libmvec, only where that glibc is present.
+VECTOR_MATH = ("acos", "acosh", "asin", "asinh", "atan", "atan2", "atanh", "cbrt", "cos", "cosh",
+               "erf", "erfc", "exp", "exp10", "exp2", "expm1", "hypot", "log", "log10", "log1p",
+               "log2", "pow", "sin", "sinh", "tan", "tanh")
+_BINARY = ("atan2", "hypot", "pow")
+_CALL = re.compile(rf"\b({'|'.join(VECTOR_MATH)})(f?|##S)\(")  # ##S: a helper, both types
+VECTOR_MATH_GUARD = r"""#ifdef TF_VECTOR_MATH
+#define TF_SIMD __attribute__((simd("notinbranch")))
+#else
+#define TF_SIMD
+#endif"""
+
+
+def vector_math_declarations(code: str) -> str:
+    """``simd`` declarations of the vectorisable math functions ``code`` calls."""
+    calls = set()
+    for name, suffix in _CALL.findall(code):
+        calls.update([(name, "f"), (name, "")] if suffix == "##S" else [(name, suffix)])
+    if not calls:
+        return ""
+    lines = [VECTOR_MATH_GUARD]
+    for name, suffix in sorted(calls):
+        t = "float" if suffix else "double"
+        params = f"{t}, {t}" if name in _BINARY else t
+        lines.append(f"TF_SIMD {t} {name}{suffix}({params});")
+    return "\n".join(lines)
 
 
 class CRenderer(CStyleRenderer):
@@ -60,7 +92,9 @@ class CRenderer(CStyleRenderer):
             lines += self._rows(typed, argspec, codes, parallel)
         lines += ["  return err;", "}"]
         kernel = "\n".join(lines)
-        return "\n".join([self.preamble, helpers_for(kernel), "", kernel, ""])
+        helpers = helpers_for(kernel)
+        declarations = vector_math_declarations(helpers + kernel)
+        return "\n".join([self.preamble, declarations, helpers, "", kernel, ""])
 
     def _rows(self, typed: TypedGraph, argspec: ArgSpec, codes: list[str], parallel: str):
         """Rank >= 2: one parallel loop over rows (all outer dims), a simd loop over the inner."""

@@ -169,7 +169,7 @@ class CStyleRenderer:
     """Renders a TypedGraph to C-like source; devices subclass it for their loop and preamble."""
 
     cuda = False  # picks the op table's CUDA overrides
-    preamble = ""  # device includes and primitives, placed before HELPERS
+    preamble = ""  # device includes and primitives, placed before the helpers
 
     # ---- values ----------------------------------------------------------------------------
 
@@ -179,7 +179,10 @@ class CStyleRenderer:
 
     @staticmethod
     def literal(value: bool | int | float, dtype: torch.dtype) -> str:
-        """``value`` as a C constant of ``dtype``'s compute type."""
+        """``value`` as a C constant of ``dtype``'s compute type.
+
+        Scalars are not rounded to float16/bfloat16 first: eager keeps them in float (opmath).
+        """
         if dtype.is_floating_point:
             value = float(value)
             if math.isnan(value):
@@ -256,6 +259,7 @@ class CStyleRenderer:
             U="uint64_t" if compute == torch.int64 else "uint32_t",
             t=INT_TAGS.get(compute, ""),
             f="f" if C_TYPES[compute] == "float" else "",
+            literal=lambda value: self.literal(value, compute),
             cuda=self.cuda,
         )
         template = selected.template
