@@ -267,7 +267,10 @@ class CStyleRenderer:
             expr = template(ctx, *operands)
         else:
             expr = ctx.fmt(template, operands)
+        # float16/bfloat16 compute in float: the result is rounded to its dtype like eager's.
         result = torch.bool if selected.op.boolean else compute
+        if result in (torch.float16, torch.bfloat16):
+            result = torch.float32
         return self.convert(expr, result, out)
 
     def body(self, typed: TypedGraph) -> list[str]:
