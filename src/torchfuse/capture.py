@@ -74,8 +74,17 @@ backend.__name__ = "torchfuse"
 
 
 def _register() -> None:
+    """Make backend="torchfuse" work where the package's entry point is not installed.
+
+    Installed, Dynamo finds the backend through the ``torch_dynamo_backends`` entry point and
+    registers it itself on first use; registering here too would be a duplicate.
+    """
+    from importlib.metadata import entry_points
+
     from torch._dynamo.backends import registry
 
+    if "torchfuse" in entry_points(group="torch_dynamo_backends").names:
+        return
     if "torchfuse" not in registry._COMPILER_FNS:
         registry.register_backend(compiler_fn=backend, name="torchfuse")
 

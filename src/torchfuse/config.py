@@ -66,6 +66,10 @@ class Config:
     )
     """TORCHFUSE_PARALLEL_THRESHOLD: CPU kernels use OpenMP threads from this many elements."""
 
+    def override(self, **changes: object) -> contextlib.AbstractContextManager[Config]:
+        """``with torchfuse.config.override(debug=4): ...`` (see :func:`override`)."""
+        return override(**changes)
+
 
 config = Config()
 

@@ -1,0 +1,155 @@
+"""torch.compile(backend="torchfuse"), torchfuse.jit and explain: groups, modules, training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from conftest import assert_fused, assert_same, make_input
+
+import torchfuse
+
+
+class LSTMCell(torch.nn.Module):
+    def __init__(self, n_in: int, n_hidden: int) -> None:
+        super().__init__()
+        self.ih = torch.nn.Linear(n_in, 4 * n_hidden)
+        self.hh = torch.nn.Linear(n_hidden, 4 * n_hidden)
+
+    def forward(self, x, hx, cx):
+        gates = self.ih(x) + self.hh(hx)
+        i, f, g, o = gates.chunk(4, 1)
+        cy = torch.sigmoid(f) * cx + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(cy), cy
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(width, 4 * width)
+        self.down = torch.nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+def test_function_one_group(device):
+    def f(x, y):
+        return torch.sigmoid(x) * torch.tanh(y) + 1.0
+    x, y = make_input((1000,), torch.float32, device), make_input((1000,), torch.float32, device)
+    assert_fused(f, x, y, groups=1)
+
+
+def test_two_groups_around_a_matmul(device):
+    def f(x, w):
+        h = torch.relu(x * 2 + 1)
+        return torch.tanh(h @ w) * 0.5 - 1
+    x = make_input((16, 8), torch.float32, device, specials=False)
+    w = make_input((8, 4), torch.float32, device, specials=False)
+    results = assert_fused(f, x, w, groups=2)
+    reasons = [reason for r in results for _, target, reason in r.left_out if "mm" in target]
+    assert reasons and "not a pointwise op" in reasons[0]
+
+
+def test_lone_op_is_left_to_eager(device):
+    x = make_input((10,), torch.float32, device)
+    results = assert_fused(torch.sigmoid, x, groups=0)
+    assert any("no fusible neighbour" in reason for _, _, reason in results[0].left_out)
+
+
+def test_scalar_constants_and_broadcast(device):
+    def f(x, b):
+        return torch.where(x > 0, x * float("inf"), x + b).clamp(max=3.0) / 7 + float("nan") * 0
+    x = make_input((5, 6), torch.float32, device)
+    b = make_input((6,), torch.float32, device)
+    assert_fused(f, x, b, groups=1)
+
+
+def test_module_under_no_grad(device):
+    model = LSTMCell(16, 32).to(device)
+    inputs = [make_input(s, torch.float32, device, specials=False) for s in ((4, 16), (4, 32), (4, 32))]
+    with torch.no_grad():
+        assert_fused(model, *inputs, groups=1)
+
+
+def test_jit_function_module_and_decorator(device):
+    model = MLP(8).to(device)
+    x = make_input((4, 8), torch.float32, device, specials=False)
+    assert_same(torchfuse.jit(model)(x), model(x))
+
+    @torchfuse.jit
+    def gated(a, b):
+        return a * torch.sigmoid(a) * b
+    assert_same(gated(x, x + 1), x * torch.sigmoid(x) * (x + 1))
+
+
+def test_dynamic_shapes_reuse_kernels(device):
+    f = torchfuse.jit(lambda x: F.silu(x) * 2 + x)
+    for n in (8, 9, 10, 100, 1000):
+        x = make_input((n,), torch.float32, device)
+        assert_same(f(x), F.silu(x) * 2 + x)
+
+
+def test_training_gradients_match_eager(device):
+    torch.manual_seed(0)
+    model = LSTMCell(8, 16).to(device)
+    reference = LSTMCell(8, 16).to(device)
+    reference.load_state_dict(model.state_dict())
+    inputs = [make_input(s, torch.float32, device, specials=False) for s in ((4, 8), (4, 16), (4, 16))]
+    leaf = [t.clone().requires_grad_() for t in inputs]
+    leaf_ref = [t.clone().requires_grad_() for t in inputs]
+    with torchfuse.capture.collect() as results:
+        hy, cy = torchfuse.jit(model)(*leaf)
+        (hy.square().sum() + cy.sum()).backward()
+    hy_ref, cy_ref = reference(*leaf_ref)
+    (hy_ref.square().sum() + cy_ref.sum()).backward()
+    assert_same((hy, cy), (hy_ref, cy_ref))
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    for a, b in zip(leaf, leaf_ref):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert len(results) == 2  # forward and backward graphs
+    assert all(r.groups for r in results), "the backward graph's pointwise ops are fused too"
+
+
+def test_training_activations_backward(device):
+    x = make_input((64,), torch.float32, device, specials=False)
+    for act in (F.gelu, F.silu, F.mish, F.hardswish, F.softplus, F.elu, F.leaky_relu, torch.tanh,
+                torch.sigmoid, torch.relu, F.hardsigmoid):
+        a = x.clone().requires_grad_()
+        b = x.clone().requires_grad_()
+        torchfuse.jit(lambda t: act(t * 1.5 + 0.1).sum())(a).backward()
+        act(b * 1.5 + 0.1).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad, msg=lambda m, act=act: f"{act}: {m}")
+
+
+def test_explain_report():
+    def f(x, y):
+        return torch.relu(x @ y) * 2 + 1
+    x = torch.randn(4, 4)
+    report = torchfuse.explain(f, x, x)
+    text = str(report)
+    assert "fusion_0" in text and "mm" in text and "not a pointwise op" in text
+    assert "tf_kernel" in text  # each group's kernel source
+    assert len(report.groups) == 1 and report.groups[0].source.startswith("#include")
+    mermaid = report.to_mermaid()
+    assert mermaid.startswith("graph TD") and "fusion_0" in mermaid and "-->" in mermaid
+
+
+def test_explain_covers_backward():
+    x = torch.randn(8, requires_grad=True)
+    report = torchfuse.explain(lambda t: torch.tanh(t * 2) * t, x)
+    assert len(report.results) == 2
+    assert x.grad is None  # explain leaves the caller's gradients alone
+
+
+def test_backend_entry_point_without_import():
+    # The string "torchfuse" resolves through the torch_dynamo_backends entry point.
+    code = ("import torch\n"
+            "f = torch.compile(lambda x: torch.sigmoid(x) * x + 1, backend='torchfuse')\n"
+            "x = torch.randn(100)\n"
+            "torch.testing.assert_close(f(x), torch.sigmoid(x) * x + 1)\n"
+            "import sys; assert 'torchfuse' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -1,0 +1,128 @@
+"""The fallback: compiler missing or failing, fusion disabled, TORCHFUSE_* settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from conftest import assert_same, make_input, trace
+
+import torchfuse
+from torchfuse import cache, config
+
+
+def _fresh_key(fn, *inputs):
+    key = torchfuse.register_fusion(trace(fn, *inputs))
+    spec = cache.SPECS[key]
+    spec.kernels.clear()
+    spec.warned.clear()
+    return key
+
+
+def test_missing_compiler_warns_once_and_falls_back():
+    fn = lambda x: torch.cos(x) * 3 + x  # noqa: E731
+    x = torch.randn(50)
+    key = _fresh_key(fn, x)
+    with config.override(cc="/nonexistent/cc", cache=False), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not torchfuse.can_fuse("cpu")
+        for dtype in (torch.float32, torch.float64, torch.float32):
+            a = x.to(dtype)
+            assert_same(torchfuse.run_fusion(key, a), fn(a))
+    messages = [str(w.message) for w in caught if "torchfuse" in str(w.message)]
+    assert len(messages) == 1 and "not found" in messages[0]
+    assert torchfuse.can_fuse("cpu")
+
+
+def test_compile_error_falls_back_with_reproducer():
+    fn = lambda x: torch.sin(x) + 2  # noqa: E731
+    x = torch.randn(5)
+    key = _fresh_key(fn, x)
+    with config.override(cflags="-include /nonexistent/torchfuse.h", cache=False), \
+            pytest.warns(RuntimeWarning) as caught:
+        assert_same(torchfuse.run_fusion(key, x), fn(x))
+    message = str(caught[0].message)
+    assert "reproduce with:" in message and "error" in message
+
+
+def test_device_disabled():
+    fn = lambda x: torch.exp(x) - 1  # noqa: E731
+    x = torch.randn(20)
+    key = _fresh_key(fn, x)
+    torchfuse.set_fusion_enabled("cpu", False)
+    try:
+        assert not torchfuse.can_fuse("cpu")
+        before = cache.STATS.fallbacks
+        assert_same(torchfuse.run_fusion(key, x), fn(x))
+        assert cache.STATS.fallbacks == before + 1
+        assert len(cache.SPECS[key].kernels) == 0
+    finally:
+        torchfuse.set_fusion_enabled("cpu", True)
+    assert torchfuse.can_fuse("cpu")
+
+
+def test_disable_setting():
+    fn = lambda x: torch.exp(x) * 2  # noqa: E731
+    x = torch.randn(20)
+    key = _fresh_key(fn, x)
+    with config.override(disable=True):
+        assert_same(torchfuse.run_fusion(key, x), fn(x))
+    assert len(cache.SPECS[key].kernels) == 0
+
+
+def test_check_setting_compares_with_eager():
+    fn = lambda x: torch.sigmoid(x) * x  # noqa: E731
+    x = make_input((100,), torch.float32)
+    with config.override(check=True):
+        assert_same(torchfuse.run_fusion(_fresh_key(fn, x), x), fn(x))
+
+
+def test_cache_info_and_clear():
+    fn = lambda x: torch.atan(x) * x  # noqa: E731
+    x = torch.randn(10)
+    key = _fresh_key(fn, x)
+    torchfuse.run_fusion(key, x)
+    torchfuse.run_fusion(key, x)
+    info = torchfuse.cache_info()
+    for field in ("specs", "kernels", "compiles", "hits", "misses", "fallbacks",
+                  "compile_seconds"):
+        assert field in info
+    assert info["kernels"] >= 1 and info["hits"] >= 1
+    torchfuse.clear_cache()
+    assert torchfuse.cache_info()["kernels"] == 0
+    assert_same(torchfuse.run_fusion(key, x), fn(x))  # keys survive clear_cache
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env}, check=True)
+
+
+SCRIPT = (
+    "import torch, torchfuse\n"
+    "f = torchfuse.jit(lambda x: torch.tanh(x) * 2 + x)\n"
+    "x = torch.randn(64)\n"
+    "torch.testing.assert_close(f(x), torch.tanh(x) * 2 + x)\n"
+    "print(torchfuse.cache_info()['compiles'], torchfuse.cache_info()['fallbacks'])\n"
+)
+
+
+def test_environment_debug_levels(tmp_path):
+    out = _run(SCRIPT, TORCHFUSE_DEBUG="4", TORCHFUSE_CACHE_DIR=str(tmp_path))
+    assert "fusion_0" in out.stderr  # level 1: groups
+    assert "tf_kernel" in out.stderr  # level 4: kernel source
+    quiet = _run(SCRIPT, TORCHFUSE_DEBUG="0", TORCHFUSE_CACHE_DIR=str(tmp_path))
+    assert "[torchfuse]" not in quiet.stderr
+
+
+def test_environment_disable_and_cc():
+    disabled = _run(SCRIPT, TORCHFUSE_DISABLE="1")
+    assert disabled.stdout.split() == ["0", "0"]  # nothing compiled, Dynamo graph runs eagerly
+    # Without a compiler the fusion pass leaves every op to eager, so nothing falls back either.
+    no_cc = _run(SCRIPT, TORCHFUSE_CC="no-such-compiler", TORCHFUSE_CACHE="0")
+    assert no_cc.stdout.split() == ["0", "0"]
