@@ -7,9 +7,9 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from conftest import assert_fused, assert_same, make_input
 
 import torchfuse
+from conftest import assert_fused, assert_same, make_input
 
 
 class LSTMCell(torch.nn.Module):
@@ -69,7 +69,8 @@ def test_scalar_constants_and_broadcast(device):
 
 def test_module_under_no_grad(device):
     model = LSTMCell(16, 32).to(device)
-    inputs = [make_input(s, torch.float32, device, specials=False) for s in ((4, 16), (4, 32), (4, 32))]
+    shapes = ((4, 16), (4, 32), (4, 32))
+    inputs = [make_input(s, torch.float32, device, specials=False) for s in shapes]
     with torch.no_grad():
         assert_fused(model, *inputs, groups=1)
 
@@ -97,7 +98,8 @@ def test_training_gradients_match_eager(device):
     model = LSTMCell(8, 16).to(device)
     reference = LSTMCell(8, 16).to(device)
     reference.load_state_dict(model.state_dict())
-    inputs = [make_input(s, torch.float32, device, specials=False) for s in ((4, 8), (4, 16), (4, 16))]
+    shapes = ((4, 8), (4, 16), (4, 16))
+    inputs = [make_input(s, torch.float32, device, specials=False) for s in shapes]
     leaf = [t.clone().requires_grad_() for t in inputs]
     leaf_ref = [t.clone().requires_grad_() for t in inputs]
     with torchfuse.capture.collect() as results:
@@ -120,7 +122,7 @@ def test_training_activations_backward(device):
                 torch.sigmoid, torch.relu, F.hardsigmoid):
         a = x.clone().requires_grad_()
         b = x.clone().requires_grad_()
-        torchfuse.jit(lambda t: act(t * 1.5 + 0.1).sum())(a).backward()
+        torchfuse.jit(lambda t, act=act: act(t * 1.5 + 0.1).sum())(a).backward()
         act(b * 1.5 + 0.1).sum().backward()
         torch.testing.assert_close(a.grad, b.grad, msg=lambda m, act=act: f"{act}: {m}")
 

@@ -9,9 +9,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_same, make_input, trace
 
 import torchfuse
+from conftest import assert_same, make_input, trace
 from torchfuse import cache, config
 
 

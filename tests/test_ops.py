@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from conftest import (
     assert_matches_eager,
     assert_same,
@@ -20,7 +21,6 @@ from conftest import (
     run_registered,
     trace,
 )
-
 from torchfuse import ops
 from torchfuse.ir import from_fx
 

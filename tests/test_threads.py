@@ -6,9 +6,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from conftest import assert_same, make_input, reference, trace
 
 import torchfuse
+from conftest import assert_same, make_input, reference, trace
 from torchfuse import cache
 
 

@@ -6,7 +6,9 @@ or compiled runs through a fallback with eager PyTorch's exact results and error
 """
 
 from . import capture
+from .capture import backend, jit
 from .config import config
+from .explain import Report, explain
 from .interface import (
     cache_info,
     can_fuse,
@@ -17,8 +19,6 @@ from .interface import (
     set_fusion_enabled,
 )
 from .ir import FusionGraph, NotFusible
-from .capture import backend, jit
-from .explain import Report, explain
 
 capture._register()
 

@@ -44,7 +44,8 @@ class Report:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"<torchfuse.Report: {len(self.groups)} group(s), {len(self.left_out)} op(s) left out>"
+        groups, left = len(self.groups), len(self.left_out)
+        return f"<torchfuse.Report: {groups} group(s), {left} op(s) left out>"
 
     def to_mermaid(self) -> str:
         """The group structure of every graph as a Mermaid flowchart."""

@@ -132,7 +132,8 @@ def from_fx(graph: torch.fx.Graph) -> FusionGraph:
                 raise NotFusible(f"{node.name}: {reason}")
             operand_ids = tuple(_operand(a, ids) for a in operands)
             ids[node] = len(ids)
-            fused.append(Op(node.target, operand_ids, tuple((k, _attr(v)) for k, v in attrs.items())))
+            attr_items = tuple((k, _attr(v)) for k, v in attrs.items())
+            fused.append(Op(node.target, operand_ids, attr_items))
         elif node.op == "output":
             results = node.args[0]
             results = results if isinstance(results, (tuple, list)) else (results,)

@@ -126,7 +126,9 @@ TF_FN T tf_pow_##t(T a, T b) { \
   return (T)result; \
 } \
 TF_FN T tf_shl_##t(T a, T b) { return (b < 0 || b >= BITS) ? 0 : (T)((U)a << b); } \
-TF_FN T tf_shr_##t(T a, T b) { return (b < 0 || b >= BITS) ? (T)(a >> (BITS - 1)) : (T)(a >> b); }"""),
+TF_FN T tf_shr_##t(T a, T b) { \
+  return (b < 0 || b >= BITS) ? (T)(a >> (BITS - 1)) : (T)(a >> b); \
+}"""),
 ]
 INT_HELPER_TYPES = {"u8": ("uint8_t", "uint32_t", 8), "i8": ("int8_t", "uint32_t", 8),
                     "i16": ("int16_t", "uint32_t", 16), "i32": ("int32_t", "uint32_t", 32),
@@ -185,10 +187,12 @@ class CStyleRenderer:
         """
         if dtype.is_floating_point:
             value = float(value)
+            # NAN and INFINITY are floats: typed for double, or C++ overloads are ambiguous
+            cast = "" if C_TYPES[dtype] == "float" else "(double)"
             if math.isnan(value):
-                text = "NAN"
+                text = f"{cast}NAN"
             elif math.isinf(value):
-                text = "INFINITY" if value > 0 else "(-INFINITY)"
+                text = f"{cast}INFINITY" if value > 0 else f"(-{cast}INFINITY)"
             elif C_TYPES[dtype] == "float" and _is_float32(value):
                 text = f"{value!r}f"
             elif C_TYPES[dtype] == "float":
@@ -263,10 +267,7 @@ class CStyleRenderer:
             cuda=self.cuda,
         )
         template = selected.template
-        if callable(template):
-            expr = template(ctx, *operands)
-        else:
-            expr = ctx.fmt(template, operands)
+        expr = template(ctx, *operands) if callable(template) else ctx.fmt(template, operands)
         # float16/bfloat16 compute in float: the result is rounded to its dtype like eager's.
         result = torch.bool if selected.op.boolean else compute
         if result in (torch.float16, torch.bfloat16):
