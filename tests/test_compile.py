@@ -9,20 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import torchfuse
+from torchfuse.demo import LSTMCell
 from conftest import assert_fused, assert_same, make_input
-
-
-class LSTMCell(torch.nn.Module):
-    def __init__(self, n_in: int, n_hidden: int) -> None:
-        super().__init__()
-        self.ih = torch.nn.Linear(n_in, 4 * n_hidden)
-        self.hh = torch.nn.Linear(n_hidden, 4 * n_hidden)
-
-    def forward(self, x, hx, cx):
-        gates = self.ih(x) + self.hh(hx)
-        i, f, g, o = gates.chunk(4, 1)
-        cy = torch.sigmoid(f) * cx + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(cy), cy
 
 
 class MLP(torch.nn.Module):
