@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import torchfuse
-from torchfuse.demo import LSTMCell
 from conftest import assert_fused, assert_same, make_input
+from torchfuse.demo import LSTMCell
 
 
 class MLP(torch.nn.Module):
