@@ -155,8 +155,8 @@ _POW_SPECIAL = {
 
 def _pow_f(ctx: Ctx, a: Operand, b: Operand) -> str:
     # Eager special-cases these exponents (pow_tensor_scalar_optimized_kernel), except for
-    # float16; sqrt and pow differ at -inf, so there ±0.5 stay pow.
-    special = ctx.compute != torch.float16 or abs(float(b.const or 0.5)) != 0.5
+    # float16 on the CPU; sqrt and pow differ at -inf, so there ±0.5 stay pow.
+    special = ctx.cuda or ctx.compute != torch.float16 or abs(float(b.const or 0.5)) != 0.5
     if b.const is not None and float(b.const) in _POW_SPECIAL and special:
         return ctx.fmt(_POW_SPECIAL[float(b.const)], (a,))
     return ctx.fmt("pow{f}({a}, {b})", (a, b))
@@ -172,6 +172,15 @@ def _clamp(ctx: Ctx, x: Operand, lo: Operand, hi: Operand) -> str:
     if hi is not None:
         out = f"tf_min{ctx.f}({out}, {hi})" if floating else f"TF_MIN({out}, {hi})"
     return out
+
+
+def _clamp_cuda(ctx: Ctx, x: Operand, lo: Operand, hi: Operand) -> str:
+    # CUDA eager clamps to a lone scalar bound with fmax/fmin, which ignore a NaN bound.
+    bound = lo if hi is None else hi if lo is None else None
+    if bound is None or bound.const is None or not ctx.compute.is_floating_point:
+        return _clamp(ctx, x, lo, hi)
+    fn = "fmax" if hi is None else "fmin"
+    return f"({x} != {x} ? {x} : {fn}{ctx.f}({x}, {bound}))"
 
 
 _GELU = {
@@ -319,9 +328,11 @@ OPS: tuple[OpDef, ...] = (
           b="{a} && {b}"),
     OpDef("fmax", ("fmax",), f="fmax{f}({a}, {b})", i="TF_MAX({a}, {b})", b="{a} || {b}"),
     OpDef("fmin", ("fmin",), f="fmin{f}({a}, {b})", i="TF_MIN({a}, {b})", b="{a} && {b}"),
-    OpDef("clamp", ("clamp",), f=_clamp, i=_clamp),
-    OpDef("clamp_min", ("clamp_min",), f="tf_max{f}({a}, {b})", i="TF_MAX({a}, {b})"),
-    OpDef("clamp_max", ("clamp_max",), f="tf_min{f}({a}, {b})", i="TF_MIN({a}, {b})"),
+    OpDef("clamp", ("clamp",), f=_clamp, i=_clamp, cuda={"f": _clamp_cuda}),
+    OpDef("clamp_min", ("clamp_min",), f="tf_max{f}({a}, {b})", i="TF_MAX({a}, {b})",
+          cuda={"f": lambda ctx, a, b: _clamp_cuda(ctx, a, b, None)}),
+    OpDef("clamp_max", ("clamp_max",), f="tf_min{f}({a}, {b})", i="TF_MIN({a}, {b})",
+          cuda={"f": lambda ctx, a, b: _clamp_cuda(ctx, a, None, b)}),
     OpDef("hardtanh", ("hardtanh",), f="tf_min{f}(tf_max{f}({a}, {b}), {c})",
           i="TF_MIN(TF_MAX({a}, {b}), {c})"),
     OpDef("threshold", ("threshold",), f="{a} <= {b} ? {c} : {a}", i="{a} <= {b} ? {c} : {a}"),

@@ -40,7 +40,7 @@ class Backend(Protocol):
 
 # device type -> module path of its backend; imported on first use so that a missing optional
 # dependency (the CUDA bindings) costs nothing until a tensor of that device type shows up.
-_MODULES = {"cpu": "torchfuse.devices.cpu"}
+_MODULES = {"cpu": "torchfuse.devices.cpu", "cuda": "torchfuse.devices.cuda"}
 _backends: dict[str, Backend | None] = {}
 _enabled: dict[str, bool] = {}
 

@@ -1,0 +1,272 @@
+"""CUDA C for NVIDIA GPUs: one source per (KernelSpec, ArgSpec), compiled by NVRTC.
+
+Operands follow codegen/c.py: inputs, then outputs; sizes, then per-operand strides per dimension
+(in elements). Every entry point takes them as separate scalar parameters::
+
+    (int64 n, int64 size[R], int64 stride[K][R], pointer[K] [, int* error])
+
+A source holds two entry points over the same element body, each a grid-stride loop, and the
+launcher picks one per call (devices/cuda). Strided kernels have ``scalar32`` and ``scalar64``:
+32- or 64-bit index arithmetic (the division and remainder that turn an index into offsets are
+far cheaper in 32 bits: the GPU emulates 64-bit ones). Flat kernels (rank 1, every operand
+contiguous) have ``scalar32`` and ``vector32``, which moves every operand in loads and stores of
+up to 16 bytes and needs each pointer 16-byte aligned; the launcher splits a flat call of 2**31
+elements or more into chunks, so flat kernels index in 32 bits only. Names start with ``tf_``, or
+``tf_checked_`` when the body can fail (integer division by zero): those take an error flag as
+last parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..spec import BROADCAST, CONTIG, ArgSpec
+from .cstyle import C_TYPES, STORAGE_TYPES, CStyleRenderer, TypedGraph, helpers_for
+
+BLOCK = 256  # threads per block
+VECTOR_BYTES = 16
+
+# NVRTC has no default include path: the fixed-width types and float constants are declared
+# here. Built by nvcc instead (a failed kernel's reproduction), the system headers give them.
+PREAMBLE = r"""#ifdef __CUDACC_RTC__
+typedef signed char int8_t;
+typedef unsigned char uint8_t;
+typedef short int16_t;
+typedef unsigned short uint16_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#else
+#include <stdint.h>
+#include <math.h>
+#endif
+#ifndef INT32_MIN
+#define INT32_MIN (-2147483647 - 1)
+#endif
+#ifndef INT64_MIN
+#define INT64_MIN (-9223372036854775807LL - 1)
+#endif
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#ifndef NAN
+#define NAN __int_as_float(0x7fffffff)
+#endif
+
+#define TF_FN static __device__ __forceinline__
+typedef unsigned short tf_half;
+TF_FN float tf_h2f(tf_half h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+TF_FN tf_half tf_f2h(float f) {
+  tf_half h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+}
+TF_FN uint32_t tf_f2u(float f) { return __float_as_uint(f); }
+TF_FN float tf_u2f(uint32_t u) { return __uint_as_float(u); }
+"""
+
+# Eager's float -> integer casts on CUDA: cvt.rzi from the value's own precision, which saturates
+# (NaN gives 0 from float, INT_MIN from double into 32 bits); the __*_rz intrinsics spell it
+# without undefined behaviour. uint8 goes through int64, as c10's TypeCast.h does.
+_FLOAT_TO_INT = {
+    torch.int64: "__{w}2ll_rz({x})",
+    torch.int32: "__{w}2int_rz({x})",
+    torch.int16: "(int16_t)__{w}2int_rz({x})",
+    torch.int8: "(int8_t)__{w}2int_rz({x})",
+    torch.uint8: "(uint8_t)__{w}2ll_rz({x})",
+}
+
+
+LOAD_TYPES = {16: "uint4", 8: "uint2", 4: "uint32_t", 2: "uint16_t", 1: "uint8_t"}
+
+
+def vector_width(dtypes) -> int:
+    """Elements per thread in a vector kernel: 16 bytes of the widest operand."""
+    return VECTOR_BYTES // max(dtype.itemsize for dtype in dtypes)
+
+
+def is_flat(argspec: ArgSpec) -> bool:
+    """Rank 1 and every operand contiguous: the case vector kernels serve."""
+    return (argspec.rank == 1 and all(d.inner == CONTIG for d in argspec.inputs)
+            and all(inner == CONTIG and not partial for inner, partial in argspec.outputs))
+
+
+class CUDARenderer(CStyleRenderer):
+    cuda = True
+    preamble = PREAMBLE
+
+    def convert(self, expr: str, src: torch.dtype, dst: torch.dtype) -> str:
+        if src.is_floating_point and dst in _FLOAT_TO_INT:
+            return f"({_FLOAT_TO_INT[dst].format(w=C_TYPES[src], x=expr)})"
+        return super().convert(expr, src, dst)
+
+    def render(self, typed: TypedGraph, argspec: ArgSpec) -> str:
+        kernel = _Kernel(self, typed, argspec)
+        code = "\n".join(kernel.lines())
+        return "\n".join([self.preamble, helpers_for(code), "", code, ""])
+
+
+class _Kernel:
+    """The pieces of one kernel's source: parameters, index arithmetic, element body."""
+
+    def __init__(self, renderer: CUDARenderer, typed: TypedGraph, argspec: ArgSpec) -> None:
+        graph = typed.graph
+        self.r, self.typed, self.argspec = renderer, typed, argspec
+        self.n_in = graph.n_inputs
+        self.dtypes = [*typed.dtypes[: self.n_in], *(typed.dtypes[o] for o in graph.outputs)]
+        self.codes = [d.inner for d in argspec.inputs] + [inner for inner, _ in argspec.outputs]
+        self.body = renderer.body(typed)
+        self.checked = any("&err" in statement for statement in self.body)
+        self.flat = is_flat(argspec)
+
+    # ---- parameters --------------------------------------------------------------------------
+
+    def params(self) -> str:
+        rank, k = self.argspec.rank, len(self.dtypes)
+        names = ["n_", *(f"size{d}_" for d in range(rank))]
+        names += [f"stride{p}_{d}_" for p in range(k) for d in range(rank)]
+        params = [f"const int64_t {name}" for name in names]
+        for p, dtype in enumerate(self.dtypes):
+            t = STORAGE_TYPES[dtype]
+            if p < self.n_in:
+                params.append(f"const {t}* __restrict__ in{p}")
+            else:
+                params.append(f"{t}* __restrict__ out{p - self.n_in}")
+        if self.checked:
+            params.append("int* __restrict__ error")
+        return ",\n    ".join(params)
+
+    def args(self) -> str:
+        return ", ".join(p.split()[-1] for p in self.params().split(","))
+
+    # ---- one element -------------------------------------------------------------------------
+
+    def element(self, offset, guard=lambda o: None, load=None, store=None) -> list[str]:
+        """Loads, body and stores of one element; ``offset(p)`` indexes operand p."""
+        r, dtypes, n_in = self.r, self.dtypes, self.n_in
+        load = load or (lambda p: r.load(f"in{p}", offset(p), dtypes[p]))
+        lines = [f"const {C_TYPES[dtypes[i]]} v{i} = {load(i)};" for i in range(n_in)]
+        lines += self.body
+        for o, value in enumerate(self.typed.graph.outputs):
+            p = n_in + o
+            stmt = (store(p, f"v{value}") if store
+                    else r.store(f"out{o}", offset(p), f"v{value}", dtypes[p]))
+            condition = guard(o)
+            lines.append(f"if ({condition}) {stmt}" if condition else stmt)
+        return lines
+
+    def strided_element(self) -> list[str]:
+        """Index ``i`` unravelled over the dimensions; each operand's offset from its strides."""
+        rank, k = self.argspec.rank, len(self.dtypes)
+        inner = rank - 1
+        lines = ["I rem = i;"] if rank > 1 else []
+        for d in range(inner, 0, -1):
+            lines.append(f"const I j{d} = rem % (I)size{d}_; rem /= (I)size{d}_;")
+        lines.append("const I j0 = rem;" if rank > 1 else "const I j0 = i;")
+        for p in range(k):
+            terms = [f"j{d} * (I)stride{p}_{d}_" for d in range(inner)]
+            code = self.codes[p]
+            if code == CONTIG:
+                terms.append(f"j{inner}")
+            elif code != BROADCAST:
+                terms.append(f"j{inner} * (I)stride{p}_{inner}_")
+            lines.append(f"const I o{p} = {' + '.join(terms) or '0'};")
+
+        def guard(o: int) -> str | None:
+            # A partial output is smaller than the iteration space: write each element once,
+            # from the first position along every dimension where it is broadcast.
+            if not self.argspec.partial_outputs[o]:
+                return None
+            p = self.n_in + o
+            conditions = [f"(j{d} == 0 || stride{p}_{d}_ != 0)" for d in range(inner)]
+            if self.codes[p] == BROADCAST:
+                conditions.append(f"j{inner} == 0")
+            return " && ".join(conditions) or "1"
+
+        return lines + self.element(lambda p: f"o{p}", guard)
+
+    # ---- kernels -------------------------------------------------------------------------------
+
+    def scalar(self) -> list[str]:
+        element = self.element(lambda p: "i") if self.flat else self.strided_element()
+        return [
+            "template <typename I>",
+            f"TF_FN void tf_scalar(\n    {self.params()}) {{",
+            "  const I n = (I)n_;",
+            "  const I step = (I)gridDim.x * blockDim.x;",
+            "  int err = 0;",
+            "  for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {",
+            *(f"    {line}" for line in element),
+            "  }",
+            *self.report(),
+            "}",
+        ]
+
+    def vector(self) -> list[str]:
+        """Aligned flat kernels: a thread moves ``width`` elements of each operand in one load or
+        store of at most 16 bytes; the last, partial vector goes element by element."""
+        width = vector_width(self.dtypes)
+        r, dtypes, n_in = self.r, self.dtypes, self.n_in
+        words = [LOAD_TYPES[width * d.itemsize] for d in dtypes]
+        inputs, outputs = range(n_in), range(n_in, len(dtypes))
+
+        def each(statement: str, pad: str = "      ") -> list[str]:
+            return [f"{pad}#pragma unroll", f"{pad}for (int k = 0; k < {width}; k++) {statement}"]
+
+        element = self.element(
+            None,
+            load=lambda p: r.load(f"b{p}.e", "k", dtypes[p]),
+            store=lambda p, value: r.store(f"b{p}.e", "k", value, dtypes[p]),
+        )
+        if self.checked:  # only elements inside the tensor may report an error
+            element = ["int err = 0;", *element, "tf_err |= err & (i < full || base + k < n);"]
+        return [
+            "template <typename I>",
+            f"TF_FN void tf_vector(\n    {self.params()}) {{",
+            f"  const I n = (I)n_, full = n / {width}, vectors = (n + {width - 1}) / {width};",
+            "  const I step = (I)gridDim.x * blockDim.x;",
+            "  int tf_err = 0;",
+            "  for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < vectors; i += step) {",
+            f"    const I base = i * {width};",
+            *(f"    union {{ {words[p]} all; {STORAGE_TYPES[d]} e[{width}]; }} b{p};"
+              for p, d in enumerate(dtypes)),
+            "    if (i < full) {",
+            *(f"      b{p}.all = ((const {words[p]}*)in{p})[i];" for p in inputs),
+            "    } else {",
+            *(line for p in inputs
+              for line in each(f"b{p}.e[k] = base + k < n ? in{p}[base + k] : 0;")),
+            "    }",
+            *each("{", pad="    "),
+            *(f"      {line}" for line in element),
+            "    }",
+            "    if (i < full) {",
+            *(f"      (({words[p]}*)out{p - n_in})[i] = b{p}.all;" for p in outputs),
+            "    } else {",
+            *(line for p in outputs
+              for line in each(f"if (base + k < n) out{p - n_in}[base + k] = b{p}.e[k];")),
+            "    }",
+            "  }",
+            *self.report("tf_err"),
+            "}",
+        ]
+
+    def report(self, flag: str = "err") -> list[str]:
+        return [f"  if ({flag}) *error = 1;"] if self.checked else [f"  (void){flag};"]
+
+    def entry(self, kind: str, bits: int) -> list[str]:
+        prefix = "tf_checked_" if self.checked else "tf_"
+        index = "uint32_t" if bits == 32 else "uint64_t"
+        return [
+            f'extern "C" __global__ void __launch_bounds__({BLOCK}) {prefix}{kind}{bits}(',
+            f"    {self.params()}) {{",
+            f"  tf_{kind}<{index}>({self.args()});",
+            "}",
+        ]
+
+    def lines(self) -> list[str]:
+        """Two entry points. Flat kernels index in 32 bits only (the launcher splits a call of
+        2**31 elements or more into chunks), so their second entry is the vector kernel."""
+        entries = [("scalar", 32), ("vector" if self.flat else "scalar", 32 if self.flat else 64)]
+        lines = self.scalar() + [""] + (self.vector() + [""] if self.flat else [])
+        for kind, bits in entries:
+            lines += [*self.entry(kind, bits), ""]
+        return lines

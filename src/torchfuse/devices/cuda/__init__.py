@@ -1,0 +1,317 @@
+"""The CUDA backend: NVRTC compiles CUDA C to machine code for the tensor's GPU; cuda.core loads it
+and launches it on the current torch stream of that GPU.
+
+NVIDIA's ``cuda-core`` and ``cuda-bindings`` (``pip install 'torchfuse[cuda]'``) are imported on
+first use, so a machine without them (or without a GPU) imports torchfuse fine, and
+``can_fuse("cuda")`` is False with the reason.
+
+Each call picks one of the source's two entry points (codegen/cuda.py): for strided kernels,
+32-bit index arithmetic while every element offset stays under 2**31, else 64-bit; for flat ones,
+16-byte vector loads when every pointer is 16-byte aligned, else scalar ones, in launches of at
+most 2**30 elements. The grid is a grid-stride loop of at most as many blocks as the GPU holds at
+once. Kernels whose body can fail (integer division by zero) get a device flag that is read back
+after the launch, which waits for the kernel: only those kernels pay that synchronisation, the
+others return as soon as the launch is queued. (CUDA eager does not raise there, so the fallback
+then gives eager's own values.)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ...codegen.cuda import BLOCK, CUDARenderer, vector_width
+from ...config import log
+from .. import CompileError
+
+INDEX_LIMIT = 2**31  # 32-bit kernels serve every element offset below this
+CHUNK = 2**30  # elements per launch of a flat kernel beyond INDEX_LIMIT (keeps 16-byte alignment)
+LAUNCH_FAILED = 2  # error code: the executor runs the fallback
+RESIDENT_BLOCKS = 2048 // BLOCK  # blocks per multiprocessor at full occupancy
+ELF = b"\x7fELF"
+
+
+@functools.lru_cache(maxsize=1)
+def _core():
+    """The cuda.core namespace: its top level, or cuda.core.experimental in older releases."""
+    import cuda.core as core
+
+    if not hasattr(core, "Program"):
+        from cuda.core import experimental as core
+    return core
+
+
+@functools.lru_cache(maxsize=1)
+def _nvrtc() -> tuple[tuple[int, int], tuple[int, ...]]:
+    """NVRTC's (major, minor) version and the sm architectures it compiles for."""
+    from cuda.bindings import nvrtc
+
+    error, major, minor = nvrtc.nvrtcVersion()
+    _check(error, "nvrtcVersion")
+    error, archs = nvrtc.nvrtcGetSupportedArchs()
+    _check(error, "nvrtcGetSupportedArchs")
+    return (major, minor), tuple(archs)
+
+
+def _check(error, call: str) -> None:
+    if int(error) != 0:
+        raise RuntimeError(f"{call} failed: {error}")
+
+
+@functools.cache
+def _arch(index: int) -> tuple[str, str]:
+    """(architecture flag, code kind): a cubin for the GPU's own sm, or, where NVRTC is older than
+    the GPU, PTX for the newest architecture NVRTC knows, which the driver then compiles."""
+    major, minor = torch.cuda.get_device_capability(index)
+    cc = major * 10 + minor
+    archs = _nvrtc()[1]
+    if cc in archs:
+        return f"sm_{cc}", "cubin"
+    older = [a for a in archs if a <= cc]
+    if not older:
+        raise CompileError(f"NVRTC {_nvrtc()[0]} cannot compile for sm_{cc}")
+    return f"compute_{max(older)}", "ptx"
+
+
+@functools.cache
+def _options(arch: str) -> tuple[object, str]:
+    """NVRTC's options for ``arch``, and their text for cache keys.
+
+    ``-minimal`` (NVRTC 12.4+) leaves out the runtime API's declarations, which no generated
+    kernel uses; it saves about a tenth of a compile (measured: 51.6 -> 46.7 ms on an H100 host).
+    """
+    core = _core()
+    if _nvrtc()[0] >= (12, 4):
+        try:
+            return core.ProgramOptions(arch=arch, minimal=True), f"-arch={arch} -minimal"
+        except TypeError:  # a cuda.core that does not know the option
+            pass
+    return core.ProgramOptions(arch=arch), f"-arch={arch}"
+
+
+@functools.cache
+def _max_blocks(index: int) -> int:
+    """Grid size at which a grid-stride loop fills the GPU."""
+    return torch.cuda.get_device_properties(index).multi_processor_count * RESIDENT_BLOCKS
+
+
+@functools.lru_cache(maxsize=1)
+def _unavailable() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU: torch.cuda.is_available() is False"
+    try:
+        _core()
+    except ImportError as error:
+        return f"cuda-core is not installed (pip install 'torchfuse[cuda]'): {error}"
+    try:
+        _nvrtc()
+    except Exception as error:  # the library is missing or cannot load
+        return f"NVRTC cannot be loaded: {error}"
+    return None
+
+
+# ---- streams and contexts --------------------------------------------------------------------
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_streams: dict[tuple[int, int], object] = {}
+_threads = threading.local()
+
+
+def _stream(index: int):
+    """The cuda.core view of torch's current stream on GPU ``index`` (made once per stream)."""
+    raw = _raw_stream(index) if _raw_stream else torch.cuda.current_stream(index).cuda_stream
+    stream = _streams.get((index, raw))
+    if stream is None:
+        stream = _streams[(index, raw)] = _core().Stream.from_handle(raw)
+    return stream
+
+
+def _enter(index: int) -> None:
+    """Make the GPU's primary context (torch's) current in this thread, once per thread.
+
+    A thread that has not called the CUDA runtime yet has no current context, even when torch
+    allocated its outputs from cache; the driver-level launch needs one.
+    """
+    ready = getattr(_threads, "ready", None)
+    if ready is None:
+        ready = _threads.ready = set()
+    if index not in ready:
+        _core().Device(index).set_current()
+        ready.add(index)
+
+
+# ---- index width and alignment -----------------------------------------------------------------
+
+
+def needs_64bit(numel: int, sizes: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether an element index or offset of any operand can reach 2**31."""
+    if numel >= INDEX_LIMIT:
+        return True
+    if max(strides) * numel < INDEX_LIMIT:  # a bound on every offset; exact check if it fails
+        return False
+    rank = len(sizes)
+    return any(
+        sum((n - 1) * s for n, s in zip(sizes, strides[p : p + rank], strict=True)) >= INDEX_LIMIT
+        for p in range(0, len(strides), rank)
+    )
+
+
+def aligned(pointers: Sequence[int]) -> bool:
+    """Whether every pointer allows 16-byte loads and stores."""
+    bits = 0
+    for pointer in pointers:
+        bits |= pointer
+    return not bits & 15
+
+
+# ---- the backend -------------------------------------------------------------------------------
+
+
+class CUDABackend:
+    renderer = CUDARenderer()
+
+    def __init__(self) -> None:
+        self._keys: dict[int, str] = {}
+
+    def unavailable(self) -> str | None:
+        return _unavailable()
+
+    def target(self, device: torch.device) -> str:
+        (major, minor), _ = _nvrtc()
+        arch, kind = _arch(_index(device))
+        return f"NVRTC {major}.{minor} | {_options(arch)[1]} ({kind}) | cuda.core {_version()}"
+
+    def device_key(self, device: torch.device) -> str:
+        # Per GPU: a loaded kernel's launch is bound to its device's streams and size.
+        key = self._keys.get(device.index)
+        if key is None:
+            if device.index is None:  # "cuda": whichever GPU is current now
+                return f"cuda:{_index(device)}"
+            key = self._keys[device.index] = f"cuda:{device.index}"
+        return key
+
+    def compile(self, source: str, device: torch.device) -> bytes:
+        reason = self.unavailable()
+        if reason:
+            raise CompileError(reason)
+        core = _core()
+        arch, kind = _arch(_index(device))
+        logs = io.StringIO()
+        try:
+            program = core.Program(source, "c++", _options(arch)[0])
+            code = program.compile(kind, logs=logs)
+        except Exception as error:
+            report = _failure_report(source, arch, f"{error}\n{logs.getvalue()}")
+            raise CompileError(report) from None
+        if logs.getvalue().strip():
+            log(4, f"NVRTC log:\n{logs.getvalue().strip()}")
+        binary = code.code
+        return binary.encode() if isinstance(binary, str) else bytes(binary)
+
+    def load(self, binary: bytes, device: torch.device) -> Callable[..., int]:
+        index = _index(device)
+        with torch.cuda.device(index):
+            _enter(index)
+            return _Launcher(binary, device, index)
+
+
+def _index(device: torch.device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+@functools.lru_cache(maxsize=1)
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("cuda-core")
+
+
+class _Launcher:
+    """``launch(numel, sizes, strides, tensors) -> error``: picks an entry point, launches it."""
+
+    def __init__(self, binary: bytes, device: torch.device, index: int) -> None:
+        core = _core()
+        self.code = (core.ObjectCode.from_cubin(binary) if binary.startswith(ELF)
+                     else core.ObjectCode.from_ptx(binary))
+        self.checked = b"tf_checked_" in binary
+        prefix = "tf_checked_" if self.checked else "tf_"
+        self.flat = f"{prefix}vector32".encode() in binary
+        second = "vector32" if self.flat else "scalar64"
+        self.narrow, self.second = (self.code.get_kernel(prefix + name)
+                                    for name in ("scalar32", second))
+        self.device, self.index = device, index
+        self.enqueue, self.config_of = core.launch, core.LaunchConfig
+        self.max_blocks = _max_blocks(index)
+        self.width = 0  # elements per thread of the vector kernel, from the first call's dtypes
+        self.configs: dict[int, object] = {}
+        self.failed = False
+
+    def __call__(self, numel: int, sizes: list[int], strides: list[int], tensors: list) -> int:
+        if torch.cuda.current_device() != self.index:
+            with torch.cuda.device(self.index):
+                return self(numel, sizes, strides, tensors)
+        _enter(self.index)
+        pointers = [t.data_ptr() for t in tensors]
+        flag = torch.zeros(1, dtype=torch.int32, device=self.device) if self.checked else None
+        if not self.flat:
+            kernel = self.second if needs_64bit(numel, sizes, strides) else self.narrow
+            ok = self._launch(kernel, numel, numel, sizes, strides, pointers, flag)
+        elif numel < INDEX_LIMIT:
+            ok = self._flat(numel, strides, pointers, flag, tensors)
+        else:  # flat kernels index in 32 bits: one launch per chunk of 2**30 elements
+            ok, sizes_of = True, [t.element_size() for t in tensors]
+            for start in range(0, numel, CHUNK):
+                chunk = [p + start * size for p, size in zip(pointers, sizes_of, strict=True)]
+                ok = self._flat(min(CHUNK, numel - start), strides, chunk, flag, tensors) and ok
+        if not ok:
+            return LAUNCH_FAILED
+        return int(flag.item()) if flag is not None else 0  # item() waits for the kernel
+
+    def _flat(self, numel: int, strides: list[int], pointers: list[int], flag, tensors) -> bool:
+        if not aligned(pointers):
+            return self._launch(self.narrow, numel, numel, [numel], strides, pointers, flag)
+        if not self.width:
+            self.width = vector_width([t.dtype for t in tensors])
+        work = -(-numel // self.width)
+        return self._launch(self.second, numel, work, [numel], strides, pointers, flag)
+
+    def _launch(self, kernel, numel: int, work: int, sizes, strides, pointers, flag) -> bool:
+        """Queue one launch on torch's current stream; False (and a warning once) if it fails."""
+        blocks = min(-(-work // BLOCK), self.max_blocks)
+        config = self.configs.get(blocks)
+        if config is None:
+            config = self.configs[blocks] = self.config_of(grid=blocks, block=BLOCK)
+        args = [numel, *sizes, *strides, *pointers]
+        if flag is not None:
+            args.append(flag.data_ptr())
+        try:
+            self.enqueue(_stream(self.index), config, kernel, *args)
+        except Exception as error:  # the fallback still gives eager's result
+            message = f"torchfuse: a CUDA kernel launch failed, the fallback runs instead: {error}"
+            log(1, message)
+            if not self.failed:
+                self.failed = True
+                warnings.warn(message, RuntimeWarning, stacklevel=4)
+            return False
+        return True
+
+
+def _failure_report(source: str, arch: str, error: str) -> str:
+    """NVRTC's log and a command that reproduces the failure from a saved copy of the source."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+    path = os.path.join(tempfile.gettempdir(), f"torchfuse-failed-{digest}.cu")
+    with open(path, "w") as f:
+        f.write(source)
+    return (f"NVRTC failed for {arch}:\n{error.strip()}\n"
+            f"reproduce with: nvcc -cubin -arch={arch.replace('compute', 'sm')} {path}")
+
+
+BACKEND = CUDABackend()

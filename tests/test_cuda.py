@@ -1,0 +1,370 @@
+"""The CUDA backend: what only a GPU shows (streams, cuda:N, mixed devices, NVRTC failures, index
+width, vector loads), plus what needs no GPU (import without one, rendering, launch choices).
+
+Everything marked ``cuda`` is skipped where torch sees no GPU; the differential suite
+(test_ops.py and friends) covers values on every device through the ``device`` fixture.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import pytest
+import torch
+
+import torchfuse
+from conftest import assert_matches_eager, assert_same, make_input, trace
+from torchfuse import compiler, devices, interface
+from torchfuse.codegen.cuda import PREAMBLE, CUDARenderer, is_flat, vector_width
+from torchfuse.config import override
+from torchfuse.devices import cuda as backend
+
+gpu = pytest.mark.cuda
+
+
+@pytest.fixture
+def cuda_fusion():
+    """Skip where the GPU is there but the CUDA backend is not (e.g. cuda-core missing)."""
+    reason = devices.why_not("cuda")
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The entry point of every launch: "narrow" (32-bit scalar), "wide" or "vector"."""
+    seen = []
+    original = backend._Launcher._launch
+
+    def spy(self, kernel, *args):
+        second = "vector" if self.flat else "wide"
+        seen.append("narrow" if kernel is self.narrow else second)
+        return original(self, kernel, *args)
+
+    monkeypatch.setattr(backend._Launcher, "_launch", spy)
+    return seen
+
+
+def _source(fn, *inputs) -> str:
+    """The CUDA source for ``fn`` on inputs of these shapes and dtypes (CPU tensors will do)."""
+    spec = compiler.register(trace(fn, *inputs))
+    argspec, _ = interface.argspec_of(spec.graph, inputs)
+    return CUDARenderer().render(compiler.infer_types(spec.graph, argspec, cuda=True), argspec)
+
+
+def _fused(fn, *inputs):
+    """``fn``'s graph registered once; a callable running it through run_fusion.
+
+    Pass distinct tensors: make_fx gives one tensor passed twice a single placeholder's uses.
+    """
+    key = torchfuse.register_fusion(trace(fn, *inputs))
+    return lambda *args: torchfuse.run_fusion(key, *args)
+
+
+# ---- no GPU needed ---------------------------------------------------------------------------
+
+
+def test_backend_is_registered_and_imports_without_a_gpu():
+    assert devices.get("cuda") is backend.BACKEND
+    if not torch.cuda.is_available():
+        assert not torchfuse.can_fuse("cuda")
+        assert "torch.cuda.is_available() is False" in devices.why_not("cuda")
+
+
+def test_flat_source_has_scalar_and_vector_entries():
+    x = torch.randn(100)
+    source = _source(lambda a, b: torch.sigmoid(a) * b, x.half(), x)
+    assert 'extern "C" __global__' in source
+    assert "tf_scalar32(" in source and "tf_vector32(" in source
+    assert "tf_scalar64(" not in source and "tf_checked_" not in source
+    assert "uint2 all" in source and "uint4 all" in source  # 4 halves, 4 floats a load
+
+
+def test_strided_source_has_32_and_64_bit_entries():
+    x = torch.randn(10, 100)
+    source = _source(lambda a, b: a + b, x, x[0])
+    assert "tf_scalar32(" in source and "tf_scalar64(" in source and "tf_vector" not in source
+
+
+def test_integer_division_source_reports_errors():
+    x = torch.randint(1, 5, (100,))
+    source = _source(lambda a, b: a // b, x, x)
+    assert "tf_checked_scalar32(" in source and "int* __restrict__ error" in source
+
+
+def test_source_needs_no_headers_under_nvrtc():
+    rtc = PREAMBLE.split("#else")[0]
+    assert "#include" not in rtc
+    assert "__CUDACC_RTC__" in PREAMBLE
+
+
+def test_vector_width_is_16_bytes_of_the_widest_operand():
+    assert vector_width([torch.float32]) == 4
+    assert vector_width([torch.float16, torch.float32]) == 4
+    assert vector_width([torch.bool, torch.uint8]) == 16
+    assert vector_width([torch.float64, torch.bool]) == 2
+
+
+def test_flat_argspec_needs_rank_1_and_contiguous_operands():
+    x = torch.randn(10, 100)
+    spec = compiler.register(trace(lambda a, b: a + b, x, x))
+    assert is_flat(interface.argspec_of(spec.graph, [x, x])[0])
+    assert not is_flat(interface.argspec_of(spec.graph, [x, x.t().contiguous().t()])[0])
+
+
+def test_index_width_follows_numel_and_offsets():
+    assert not backend.needs_64bit(1000, [1000], [1, 1])
+    assert backend.needs_64bit(2**31, [2**31], [1, 1])
+    assert not backend.needs_64bit(2**31 - 1, [2**31 - 1], [1, 1])
+    # 3 elements, but the last sits 2**31 elements in: offsets decide
+    assert backend.needs_64bit(3, [3], [2**30, 1])
+    assert not backend.needs_64bit(3, [3], [2**29, 1])
+    # a broadcast operand (stride 0) never widens
+    assert not backend.needs_64bit(2**20, [2**10, 2**10], [0, 0, 2**10, 1])
+
+
+def test_alignment_needs_every_pointer_on_16_bytes():
+    assert backend.aligned([0x1000, 0x2010])
+    assert not backend.aligned([0x1000, 0x2004])
+
+
+# ---- on the GPU --------------------------------------------------------------------------------
+
+
+@gpu
+def test_can_fuse_cuda(cuda_fusion):
+    assert torchfuse.can_fuse("cuda")
+    assert torchfuse.can_fuse(torch.device("cuda", 0))
+
+
+@gpu
+def test_fused_kernel_runs_on_the_gpu(cuda_fusion):
+    x = make_input((1000,), torch.float32, "cuda")
+    fused = _fused(lambda a: torch.tanh(a) * 2 + 1, x)
+    before = torchfuse.cache_info()
+    out = fused(x)[0]
+    after = torchfuse.cache_info()
+    assert out.device == x.device
+    assert after["fallbacks"] == before["fallbacks"]
+    assert_same(out, torch.tanh(x) * 2 + 1)
+
+
+@gpu
+def test_launches_on_the_current_stream(cuda_fusion):
+    x = make_input((1 << 20,), torch.float32, "cuda")
+    fn = lambda a: torch.sigmoid(a) * a - 1  # noqa: E731
+    fused = _fused(fn, x)
+    fused(x)  # compile outside the timed region
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(100_000_000)  # the stream stays busy for a while
+        y = x * 3  # eager, queued behind the sleep
+        out = fused(y)[0]  # must read y only once it is written
+        assert not stream.query()
+        assert torch.cuda.default_stream().query()  # nothing of ours went there
+    stream.synchronize()
+    assert_same(out, fn(x * 3))
+
+
+@gpu
+def test_every_gpu_and_the_current_device(cuda_fusion):
+    fn = lambda a, b: a * b + 0.5  # noqa: E731
+    for index in range(torch.cuda.device_count()):
+        x = make_input((257,), torch.float32, f"cuda:{index}")
+        y = make_input((257,), torch.float32, f"cuda:{index}")
+        assert_matches_eager(fn, x, y)  # current device 0, tensors on cuda:index
+        with torch.cuda.device(index):
+            assert_matches_eager(fn, x, y)
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_are_per_gpu(cuda_fusion):
+    fn = lambda a: a * 7 - 2  # noqa: E731
+    x0 = make_input((64,), torch.float32, "cuda:0")
+    fused = _fused(fn, x0)
+    assert_same(fused(x0)[0], fn(x0))
+    x1 = x0.to("cuda:1")
+    assert_same(fused(x1)[0], fn(x1))
+    spec = compiler.register(trace(fn, x0))
+    assert {key[0] for key in spec.kernels._kernels} >= {"cuda:0", "cuda:1"}
+    add = _fused(lambda a, b: a + b, x0, x0.clone())
+    with pytest.raises(RuntimeError):
+        x0 + x1  # eager refuses tensors on two GPUs
+    with pytest.raises(RuntimeError):
+        add(x0, x1)  # so does the fallback that the fused call takes
+
+
+@gpu
+def test_mixed_devices_fall_back_to_eager(cuda_fusion):
+    fn = lambda a, b: a + b * 2  # noqa: E731
+    x = make_input((100,), torch.float32, "cuda")
+    fused = _fused(fn, x, x.clone())
+    on_cpu = make_input((100,), torch.float32)
+    with pytest.raises(RuntimeError):
+        fn(x, on_cpu)  # eager refuses
+    with pytest.raises(RuntimeError):
+        fused(x, on_cpu)  # so does the fallback
+    scalar = torch.tensor(1.5)  # a CPU 0-d tensor: eager allows it, and so does the fallback
+    assert_same(fused(x, scalar), fn(x, scalar))
+
+
+@gpu
+def test_nvrtc_error_warns_once_then_falls_back(cuda_fusion, monkeypatch, capsys):
+    broken = PREAMBLE + "\n#error torchfuse test: broken on purpose\n"
+    monkeypatch.setattr(backend.BACKEND.renderer, "preamble", broken)
+    x = make_input((300,), torch.float32, "cuda")
+    fn = lambda a: a * 1.25 - 0.0625  # noqa: E731
+    fused = _fused(fn, x)
+    torchfuse.clear_cache()
+    with override(debug=4), pytest.warns(RuntimeWarning, match="fallback"):
+        assert_same(fused(x)[0], fn(x))
+    err = capsys.readouterr().err
+    assert "broken on purpose" in err  # the source (debug 4) and NVRTC's log
+    assert "NVRTC failed" in err and "reproduce with" in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same(fused(x)[0], fn(x))  # no second warning
+    assert torchfuse.cache_info()["fallbacks"] >= 2
+
+
+@gpu
+def test_ptx_for_an_architecture_newer_than_nvrtc(cuda_fusion, monkeypatch):
+    major, minor = torch.cuda.get_device_capability()
+    monkeypatch.setattr(backend, "_arch", lambda index: (f"compute_{major}0", "ptx"))
+    x = make_input((500,), torch.float32, "cuda")
+    fn = lambda a: torch.exp(a) - 0.3125  # noqa: E731
+    fused = _fused(fn, x)
+    torchfuse.clear_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same(fused(x)[0], fn(x))
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 31, 64, 1023, 4099])
+def test_vector_path_and_its_tail(cuda_fusion, launches, n):
+    base = make_input((n + 8,), torch.float16, "cuda")
+    other = make_input((n + 8,), torch.float32, "cuda")
+    fn = lambda a, b: (a * b > 0.25, a + 1)  # noqa: E731
+    fused = _fused(fn, base[:n], other[:n])
+    assert_same(fused(base[:n], other[:n]), fn(base[:n], other[:n]))
+    assert launches[-1] == "vector"
+    # one element in: 2 or 4 bytes off, so no 16-byte loads
+    assert_same(fused(base[1 : n + 1], other[1 : n + 1]), fn(base[1 : n + 1], other[1 : n + 1]))
+    assert launches[-1] == "narrow"
+
+
+@gpu
+def test_strided_kernels_index_in_32_bits(cuda_fusion, launches):
+    x = make_input((60, 70), torch.float32, "cuda")
+    assert_matches_eager(lambda a, b: a * b - a, x.t(), x[:1, :60])
+    assert launches[-1] == "narrow"
+
+
+@gpu
+def test_offsets_past_2_31_use_64_bit_indexing(cuda_fusion, launches):
+    if torch.cuda.mem_get_info()[0] < 6 * 2**30:
+        pytest.skip("needs 6 GiB of free GPU memory")
+    big = torch.ones(2**31 + 2**21, dtype=torch.int8, device="cuda")
+    big[-1] = 5
+    view = big[:: 2**21]  # 1025 elements, the last 2**31 elements in
+    assert_matches_eager(lambda a: a * 3 + 1, view)
+    assert launches[-1] == "wide"
+    del big, view
+
+
+@gpu
+def test_flat_calls_past_2_31_elements_run_in_chunks(cuda_fusion, launches):
+    if torch.cuda.mem_get_info()[0] < 10 * 2**30:
+        pytest.skip("needs 10 GiB of free GPU memory")
+    n = 2**31 + 37
+    x = torch.ones(n, dtype=torch.uint8, device="cuda")
+    x[-1], x[2**30] = 7, 9
+    fused = _fused(lambda a: a * 2 + 1, x)
+    out = fused(x)[0]
+    assert launches == ["vector"] * 3  # 2**30, 2**30 and 37 elements
+    assert torch.equal(out, x * 2 + 1)
+    assert out[2**30].item() == 19 and out[-1].item() == 15
+
+
+@gpu
+def test_integer_division_by_zero_gives_eagers_result(cuda_fusion):
+    x = make_input((1000,), torch.int32, "cuda")
+    y = make_input((1000,), torch.int32, "cuda", low=1, high=5)
+    assert_matches_eager(lambda a, b: a // b + 1, x, y)
+    y[17] = 0  # CUDA eager does not raise; the flag sends the call to the fallback
+    assert_matches_eager(lambda a, b: a // b + 1, x, y)
+
+
+@gpu
+def test_other_threads(cuda_fusion):
+    x = make_input((4096,), torch.float32, "cuda")
+    fn = lambda a: torch.erf(a) + a  # noqa: E731
+    fused = _fused(fn, x)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(fused(x)[0]))
+    thread.start()
+    thread.join()
+    assert_same(results[0], fn(x))
+
+
+@gpu
+def test_set_fusion_enabled_cuda(cuda_fusion):
+    x = make_input((100,), torch.float32, "cuda")
+    fused = _fused(lambda a: a * 3 + 2, x)
+    torchfuse.set_fusion_enabled("cuda", False)
+    try:
+        assert not torchfuse.can_fuse("cuda")
+        before = torchfuse.cache_info()["fallbacks"]
+        assert_same(fused(x)[0], x * 3 + 2)
+        assert torchfuse.cache_info()["fallbacks"] == before + 1
+    finally:
+        torchfuse.set_fusion_enabled("cuda", True)
+    assert torchfuse.can_fuse("cuda")
+
+
+class _Cell(torch.nn.Module):
+    def __init__(self, n: int, h: int) -> None:
+        super().__init__()
+        self.ih, self.hh = torch.nn.Linear(n, 4 * h), torch.nn.Linear(h, 4 * h)
+
+    def forward(self, x, hx, cx):
+        i, f, g, o = (self.ih(x) + self.hh(hx)).chunk(4, 1)
+        cy = torch.sigmoid(f) * cx + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(cy), cy
+
+
+@gpu
+def test_compile_inference_and_training(cuda_fusion):
+    torch._dynamo.reset()
+    model = _Cell(16, 32).cuda()
+    x, hx, cx = (torch.randn(4, n, device="cuda") for n in (16, 32, 32))
+    report = torchfuse.explain(model, x, hx, cx)
+    assert report.groups and "__global__" in report.groups[0].source
+    compiled = torchfuse.jit(model)
+    with torch.no_grad():
+        assert_same(compiled(x, hx, cx), model(x, hx, cx))
+    loss = sum(o.sum() for o in compiled(x, hx, cx))
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    sum(o.sum() for o in model(x, hx, cx)).backward()
+    for got, want in zip(grads, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@gpu
+def test_disk_cache_serves_cuda_kernels(cuda_fusion, tmp_path):
+    x = make_input((1000,), torch.float32, "cuda")
+    fn = lambda a: torch.sin(a) * 0.75 + 0.125  # noqa: E731
+    fused = _fused(fn, x)
+    with override(cache=True, cache_dir=str(tmp_path)):
+        torchfuse.clear_cache()
+        assert_same(fused(x)[0], fn(x))
+        assert torchfuse.cache_info()["compiles"] == 1
+        torchfuse.clear_cache()  # memory only: the next call loads the cubin from disk
+        assert_same(fused(x)[0], fn(x))
+        assert torchfuse.cache_info()["disk_hits"] == 1
