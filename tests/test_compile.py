@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from importlib.metadata import entry_points
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -135,6 +137,8 @@ def test_explain_covers_backward():
     assert x.grad is None  # explain leaves the caller's gradients alone
 
 
+@pytest.mark.skipif("torchfuse" not in entry_points(group="torch_dynamo_backends").names,
+                    reason="torchfuse is not pip-installed (no entry point)")
 def test_backend_entry_point_without_import():
     # The string "torchfuse" resolves through the torch_dynamo_backends entry point.
     code = ("import torch\n"

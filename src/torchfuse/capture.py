@@ -37,21 +37,22 @@ DECOMPOSITIONS = get_decompositions([
     aten.logit_backward,
 ])
 
-_collectors = threading.local()
+# Not thread-local: autograd compiles a CUDA backward graph on its own thread.
+_collectors: list[list] = []
+_collectors_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def collect() -> Iterator[list[fusion.FusionResult]]:
-    """Gather the FusionResult of every graph compiled in this thread (for ``explain``)."""
+    """Gather the FusionResult of every graph compiled while the block runs (for ``explain``)."""
     results: list[fusion.FusionResult] = []
-    stack = getattr(_collectors, "stack", None)
-    if stack is None:
-        stack = _collectors.stack = []
-    stack.append(results)
+    with _collectors_lock:
+        _collectors.append(results)
     try:
         yield results
     finally:
-        stack.pop()
+        with _collectors_lock:
+            _collectors.remove(results)
 
 
 def compile_graph(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
@@ -59,10 +60,15 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
     if config.disable:
         return make_boxed_func(gm.forward)
     result = fusion.fuse(gm)
-    for results in getattr(_collectors, "stack", ()):
-        results.append(result)
+    with _collectors_lock:
+        for results in _collectors:
+            results.append(result)
     log(2, f"graph with {len(result.groups)} fusion group(s), {len(result.left_out)} op(s) left")
-    return make_boxed_func(result.graph.forward)
+    graph = result.graph
+    if hasattr(graph, "real_recompile"):
+        # A lazy GraphModule's forward goes through Module.__call__ on every call (µs each).
+        graph.real_recompile()
+    return make_boxed_func(graph.forward)
 
 
 backend = aot_autograd(

@@ -174,13 +174,18 @@ def _clamp(ctx: Ctx, x: Operand, lo: Operand, hi: Operand) -> str:
     return out
 
 
-def _clamp_cuda(ctx: Ctx, x: Operand, lo: Operand, hi: Operand) -> str:
-    # CUDA eager clamps to a lone scalar bound with fmax/fmin, which ignore a NaN bound.
+def _clamp_lone_bound(ctx: Ctx, x: Operand, lo: Operand, hi: Operand) -> str:
+    """clamp as CUDA eager (and CPU eager before torch 2.13) computes it: a lone scalar bound goes
+    through fmax/fmin, which ignore a NaN bound."""
     bound = lo if hi is None else hi if lo is None else None
     if bound is None or bound.const is None or not ctx.compute.is_floating_point:
         return _clamp(ctx, x, lo, hi)
     fn = "fmax" if hi is None else "fmin"
     return f"({x} != {x} ? {x} : {fn}{ctx.f}({x}, {bound}))"
+
+
+_CLAMP_CPU = _clamp_lone_bound if torch.__version__ < "2.13" else _clamp
+_CLAMP = {"f": _CLAMP_CPU, "i": _clamp, "cuda": {"f": _clamp_lone_bound}}
 
 
 _GELU = {
@@ -328,11 +333,11 @@ OPS: tuple[OpDef, ...] = (
           b="{a} && {b}"),
     OpDef("fmax", ("fmax",), f="fmax{f}({a}, {b})", i="TF_MAX({a}, {b})", b="{a} || {b}"),
     OpDef("fmin", ("fmin",), f="fmin{f}({a}, {b})", i="TF_MIN({a}, {b})", b="{a} && {b}"),
-    OpDef("clamp", ("clamp",), f=_clamp, i=_clamp, cuda={"f": _clamp_cuda}),
-    OpDef("clamp_min", ("clamp_min",), f="tf_max{f}({a}, {b})", i="TF_MAX({a}, {b})",
-          cuda={"f": lambda ctx, a, b: _clamp_cuda(ctx, a, b, None)}),
-    OpDef("clamp_max", ("clamp_max",), f="tf_min{f}({a}, {b})", i="TF_MIN({a}, {b})",
-          cuda={"f": lambda ctx, a, b: _clamp_cuda(ctx, a, None, b)}),
+    OpDef("clamp", ("clamp",), **_CLAMP),
+    OpDef("clamp_min", ("clamp_min",), f=lambda ctx, a, b: _CLAMP_CPU(ctx, a, b, None),
+          i="TF_MAX({a}, {b})", cuda={"f": lambda ctx, a, b: _clamp_lone_bound(ctx, a, b, None)}),
+    OpDef("clamp_max", ("clamp_max",), f=lambda ctx, a, b: _CLAMP_CPU(ctx, a, None, b),
+          i="TF_MIN({a}, {b})", cuda={"f": lambda ctx, a, b: _clamp_lone_bound(ctx, a, None, b)}),
     OpDef("hardtanh", ("hardtanh",), f="tf_min{f}(tf_max{f}({a}, {b}), {c})",
           i="TF_MIN(TF_MAX({a}, {b}), {c})"),
     OpDef("threshold", ("threshold",), f="{a} <= {b} ? {c} : {a}", i="{a} <= {b} ? {c} : {a}"),
