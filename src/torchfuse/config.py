@@ -62,9 +62,10 @@ class Config:
     """TORCHFUSE_CACHE_DIR: where compiled kernels are kept between processes."""
 
     parallel_threshold: int = dataclasses.field(
-        default_factory=lambda: _int("TORCHFUSE_PARALLEL_THRESHOLD", 32768)
+        default_factory=lambda: _int("TORCHFUSE_PARALLEL_THRESHOLD", 16384)
     )
-    """TORCHFUSE_PARALLEL_THRESHOLD: CPU kernels use OpenMP threads from this many elements."""
+    """TORCHFUSE_PARALLEL_THRESHOLD: CPU kernels use OpenMP threads from this many elements
+    (divided by 1 + the number of math function calls per element)."""
 
     def override(self, **changes: object) -> contextlib.AbstractContextManager[Config]:
         """``with torchfuse.config.override(debug=4): ...`` (see :func:`override`)."""

@@ -9,7 +9,7 @@ kernel cannot do goes to the fallback, which gives eager's result or raises eage
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -57,6 +57,46 @@ def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
     return tuple(outputs)
 
 
+def bind(spec: KernelSpec, examples: Sequence) -> Callable[..., tuple] | None:
+    """``run`` for one fusion node of a compiled graph, its plan made once from the node's
+    example inputs (fake tensors); None where their shapes are symbolic or no kernel can run.
+
+    torch.compile's guards fix the shapes, strides, dtypes and device that every call brings,
+    and a plan costs more than a small kernel. A call that brings others anyway takes ``run``.
+    """
+    if not all(isinstance(t, _Tensor) and _static(t) for t in examples):
+        return None
+    try:
+        with torch.no_grad():
+            key, device, numel, sizes, strides, out_shapes = plan(spec, examples)
+    except NoKernel:
+        return None
+    shapes = [tuple(t.shape) for t in examples]
+    layouts = [t.stride() for t in examples]
+    # empty_strided parses its arguments faster than empty does
+    out_layouts = [(tuple(s), tuple(_contiguous_strides(s))) for s in out_shapes]
+
+    def fusion(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kernel = spec.kernels.get(key)
+        if (kernel is None or kernel.launch is None or config.disable or config.check
+                or [t.stride() for t in inputs] != layouts or [t.shape for t in inputs] != shapes):
+            return run(spec, inputs)
+        STATS.hits += 1
+        outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                   for (shape, stride), dtype in zip(out_layouts, kernel.out_dtypes, strict=True)]
+        if numel and kernel.launch(numel, sizes, strides, [*inputs, *outputs]):
+            return run(spec, inputs)  # the kernel refused (division by zero): eager's error
+        return tuple(outputs)
+
+    fusion.__name__ = f"fusion_{spec.key}"  # how the compiled graph's code names it
+    fusion.fusion_key = spec.key  # what fusion.is_fusion_call looks for
+    return fusion
+
+
+def _static(t: torch.Tensor) -> bool:
+    return all(isinstance(n, int) for n in (*t.shape, *t.stride()))
+
+
 def plan(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple:
     """(argspec key, device, numel, sizes, strides, output shapes) for one call.
 
@@ -85,12 +125,13 @@ def plan(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple:
     backend = devices.get(device.type)
     if backend is None:
         raise NoKernel(devices.why_not(device.type) or f"no backend for {device.type}")
-    dtypes = tuple(t.dtype for t in inputs)
+    dtypes = tuple([t.dtype for t in inputs])
     n_out = len(spec.output_deps)
     if same_shape and contiguous and spec.full_outputs:
         numel = first.numel()
         key = (backend.device_key(device), dtypes, None)
-        return key, device, numel, [numel], [1] * (len(inputs) + n_out), [shape] * n_out
+        # torch.empty parses a tuple faster than a torch.Size
+        return key, device, numel, [numel], [1] * (len(inputs) + n_out), [tuple(shape)] * n_out
     return _general_plan(spec, inputs, device, backend.device_key(device), dtypes)
 
 
@@ -123,45 +164,69 @@ def _contiguous_strides(shape: Sequence[int]) -> list[int]:
     return strides[::-1]
 
 
+# The general plan costs tens of µs of Python; a call with the same shapes, strides and dtypes
+# as an earlier one reuses its result. Bounded: cleared when full.
+_PLANS: dict[tuple, tuple] = {}
+_PLANS_MAX = 4096
+
+
 def _general_plan(spec, inputs, device, device_key, dtypes) -> tuple:
-    shapes = [t.shape for t in inputs]
+    shapes = tuple(t.shape for t in inputs)
+    strides = tuple(t.stride() for t in inputs)
+    memo = (spec.key, device_key, dtypes, shapes, strides)
+    found = _PLANS.get(memo)
+    if found is None:
+        found = _layout(spec, shapes, strides, device_key, dtypes)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[memo] = found
+    key, numel, sizes, flat_strides, out_shapes = found
+    return key, device, numel, sizes, flat_strides, out_shapes
+
+
+def _layout(spec, shapes, input_strides, device_key, dtypes) -> tuple:
+    """(argspec key, numel, sizes, strides, output shapes) for inputs of these shapes."""
     shape = _broadcast(shapes)
-    every = frozenset(range(len(inputs)))
+    every = frozenset(range(len(shapes)))
     out_shapes = [
         shape if deps == every else _broadcast([shapes[i] for i in sorted(deps)])
         for deps in spec.output_deps
     ]
     rank = len(shape)
-    strides = [_aligned(t.shape, t.stride(), rank) for t in inputs]
+    strides = [_aligned(s, t, rank) for s, t in zip(shapes, input_strides, strict=True)]
     strides += [_aligned(s, _contiguous_strides(s), rank) for s in out_shapes]
-    # Merge each dimension into the previous one wherever every operand allows it.
-    sizes: list[int] = []
-    merged: list[list[int]] = [[] for _ in strides]
-    for d, n in enumerate(shape):
-        if n == 1:
-            continue
-        if sizes and all(m[-1] == s[d] * n for m, s in zip(merged, strides)):
-            sizes[-1] *= n
-            for m, s in zip(merged, strides):
-                m[-1] = s[d]
-        else:
-            sizes.append(n)
-            for m, s in zip(merged, strides):
-                m.append(s[d])
-    if not sizes:  # a single element
-        sizes, merged = [1], [[1] for _ in strides]
-    n_in = len(inputs)
+    sizes, merged = _merge(shape, strides)
+    n_in = len(shapes)
     inner = tuple(_code(m[-1]) for m in merged[:n_in])
     outputs = tuple((_code(m[-1]), 0 in m) for m in merged[n_in:])
-    zero_dim = tuple(t.dim() == 0 for t in inputs)
+    zero_dim = tuple(len(s) == 0 for s in shapes)
     if all(zero_dim):
         zero_dim = (False,) * n_in  # only a mix of 0-d and n-d changes type promotion
     flat = (len(sizes) == 1 and all(c == CONTIG for c in inner) and not any(zero_dim)
             and all(o == (CONTIG, False) for o in outputs))
     layout = None if flat else (len(sizes), inner, zero_dim, outputs)
-    numel = math.prod(shape)
     flat_strides = [s for m in merged for s in m]
-    return (device_key, dtypes, layout), device, numel, sizes, flat_strides, out_shapes
+    return (device_key, dtypes, layout), math.prod(shape), sizes, flat_strides, out_shapes
+
+
+def _merge(shape: Sequence[int], strides: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+    """Merge each dimension into the previous one wherever every operand allows it."""
+    sizes: list[int] = []
+    merged: list[list[int]] = [[] for _ in strides]
+    for d, n in enumerate(shape):
+        if n == 1:
+            continue
+        if sizes and all(m[-1] == s[d] * n for m, s in zip(merged, strides, strict=True)):
+            sizes[-1] *= n
+            for m, s in zip(merged, strides, strict=True):
+                m[-1] = s[d]
+        else:
+            sizes.append(n)
+            for m, s in zip(merged, strides, strict=True):
+                m.append(s[d])
+    if not sizes:  # a single element
+        return [1], [[1] for _ in strides]
+    return sizes, merged
 
 
 def _code(stride: int) -> str:
@@ -186,4 +251,5 @@ def _check(spec: KernelSpec, inputs: Sequence, outputs: Sequence[torch.Tensor]) 
         try:
             torch.testing.assert_close(got, want, equal_nan=True)
         except AssertionError as error:
-            raise AssertionError(f"fusion {spec.key} output {k} differs from eager:\n{error}")
+            raise AssertionError(
+                f"fusion {spec.key} output {k} differs from eager:\n{error}") from None

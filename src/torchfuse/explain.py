@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from . import capture, fusion
-from .interface import get_fused_kernel_code, run_fusion
+from .interface import get_fused_kernel_code
 
 
 @dataclasses.dataclass
@@ -69,7 +69,7 @@ def _mermaid_graph(index: int, result: fusion.FusionResult) -> list[str]:
             lines.append(f'    {ident}(["{node.name}"])')
         elif node.op == "output":
             lines.append(f'    {ident}(["output"])')
-        elif node.target is run_fusion:
+        elif fusion.is_fusion_call(node):
             group = next(groups)
             ops = ", ".join(op.split(" = ")[1].split(".")[-2] for op in group.ops)
             lines.append(f'    {ident}["{group.name}: {ops}"]')

@@ -17,7 +17,8 @@ import torch.fx
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 
-from . import devices, ops
+from . import devices, executor, ops
+from .cache import SPECS
 from .config import log
 from .interface import register_fusion, run_fusion
 
@@ -129,14 +130,26 @@ def fuse(gm: torch.fx.GraphModule) -> FusionResult:
     return FusionResult(groups, left_out, fused)
 
 
+def is_fusion_call(node: torch.fx.Node) -> bool:
+    """Whether ``node`` runs a fusion group: ``run_fusion``, or a bound runner of it."""
+    return node.op == "call_function" and (
+        node.target is run_fusion or hasattr(node.target, "fusion_key"))
+
+
 def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Group:
-    """Swap one fused submodule for ``run_fusion(key, *inputs)``."""
+    """Swap one fused submodule for ``run_fusion(key, *inputs)``, or for a bound runner of it
+    (``executor.bind``) where the inputs' shapes are static."""
     sub = getattr(gm, node.target)
     key = register_fusion(sub)
     result = sub.graph.output_node().args[0]
     single = not isinstance(result, (tuple, list))
+    examples = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in node.args]
+    bound = executor.bind(SPECS[key], examples)  # run_fusion with its plan made once
     with gm.graph.inserting_before(node):
-        call = gm.graph.call_function(run_fusion, (key, *node.args))
+        if bound is None:
+            call = gm.graph.call_function(run_fusion, (key, *node.args))
+        else:
+            call = gm.graph.call_function(bound, tuple(node.args))
         value = gm.graph.call_function(operator.getitem, (call, 0)) if single else call
     value.meta = dict(node.meta)
     outputs = result if not single else (result,)
@@ -148,8 +161,7 @@ def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Group:
         inputs=[str(a) for a in node.args],
         outputs=[o.name for o in outputs],
         graph=sub,
-        example_inputs=[a.meta.get("val") if isinstance(a, torch.fx.Node) else a
-                        for a in node.args],
+        example_inputs=examples,
     )
     node.replace_all_uses_with(value)
     gm.graph.erase_node(node)

@@ -7,6 +7,7 @@ dtypes, taking sizes and strides as arguments.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -88,7 +89,7 @@ class KernelSpec:
     warned: set = dataclasses.field(default_factory=set)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
-    @property
+    @functools.cached_property  # asked on every call: the executor's fast path
     def full_outputs(self) -> bool:
         """Every output depends on every input, so it has the iteration space's shape."""
         every = frozenset(range(self.graph.n_inputs))

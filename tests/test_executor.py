@@ -1,0 +1,86 @@
+"""The executor's shortcuts: runners bound to a compiled graph's static inputs, memoised plans.
+Each must give what ``run`` gives, and step aside (to ``run``) whenever its assumption fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchfuse
+from conftest import assert_same, make_input, trace
+from torchfuse import capture, executor
+from torchfuse.cache import SPECS
+
+
+def gated(x, y):
+    return x * torch.sigmoid(x) * y
+
+
+def bound_for(fn, *examples):
+    key = torchfuse.register_fusion(trace(fn, *examples))
+    return executor.bind(SPECS[key], examples)
+
+
+def test_bound_runner_matches_eager(device):
+    x, y = make_input((33, 65), torch.float32, device), make_input((33, 65), torch.float32, device)
+    runner = bound_for(gated, x, y)
+    assert runner is not None and runner.__name__.startswith("fusion_")
+    assert_same(runner(x, y), gated(x, y))  # first call: builds the kernel through run
+    assert_same(runner(x, y), gated(x, y))  # then the bound path
+
+
+def test_bound_runner_steps_aside_for_other_layouts(device):
+    x, y = make_input((32, 64), torch.float32, device), make_input((32, 64), torch.float32, device)
+    runner = bound_for(gated, x, y)
+    runner(x, y)
+    xt = make_input((64, 32), torch.float32, device).t()  # same shape, other strides
+    assert_same(runner(xt, y), gated(xt, y))
+    bigger = make_input((48, 64), torch.float32, device)  # same strides, other shape
+    assert_same(runner(bigger, bigger), gated(bigger, bigger))
+
+
+def test_bound_runner_raises_eagers_error():
+    a = torch.tensor([4, 5, 6], dtype=torch.int64)
+    b = torch.tensor([1, 0, 2], dtype=torch.int64)
+    runner = bound_for(lambda p, q: p // q + 1, a, b.abs() + 1)  # traced without the zero
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        runner(a, b)
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        runner(a, b)
+
+
+def test_bind_refuses_what_cannot_run_a_kernel():
+    x = torch.randn(8)
+    key = torchfuse.register_fusion(trace(gated, x, x))
+    assert executor.bind(SPECS[key], [x, 2.0]) is None  # not a tensor
+
+
+def test_static_graphs_call_bound_runners_dynamic_ones_run_fusion():
+    x, y = torch.randn(64), torch.randn(64)
+    for dynamic, expected in ((False, "fusion_"), (True, "run_fusion")):
+        torch._dynamo.reset()
+        with capture.collect() as results:
+            got = torch.compile(gated, backend="torchfuse", dynamic=dynamic)(x, y)
+        assert_same(got, gated(x, y))
+        assert expected in results[0].graph.code
+
+
+def test_bound_runner_respects_disable_and_check():
+    x, y = torch.randn(64), torch.randn(64)
+    runner = bound_for(gated, x, y)
+    runner(x, y)
+    before = torchfuse.cache_info()["fallbacks"]
+    with torchfuse.config.override(disable=True):
+        assert_same(runner(x, y), gated(x, y))
+    assert torchfuse.cache_info()["fallbacks"] == before + 1
+
+
+def test_memoised_general_plan_follows_the_inputs(device):
+    fn = lambda a, b: torch.exp(a) + b  # noqa: E731
+    small = make_input((1, 7), torch.float32, device)
+    big = make_input((5, 7), torch.float32, device)
+    key = torchfuse.register_fusion(trace(fn, small, big))
+    for _ in range(2):  # the second call takes the memoised plan
+        assert_same(torchfuse.run_fusion(key, small, big), fn(small, big))
+    other = make_input((5, 1), torch.float32, device)
+    assert_same(torchfuse.run_fusion(key, other, big), fn(other, big))

@@ -1,0 +1,151 @@
+"""The CPU kernels' vector math (glibc's libmvec): accurate against float64, and the special
+values (NaN, ±Inf, signed zeros, out-of-domain inputs) exactly as eager gives them.
+
+Inputs are long enough that the vectorised loop, not only its scalar tail, computes them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import torchfuse
+from conftest import trace
+from torchfuse import cache
+from torchfuse.codegen import c as c_codegen
+from torchfuse.devices import cpu as cpu_backend
+
+ULPS = 4  # libmvec's documented bound (worst seen: 3.9, erff)
+
+# torch function -> the C function it renders to, and the inputs that exercise it.
+UNARY = {
+    "exp": (-110.0, 110.0), "expm1": (-20.0, 90.0), "exp2": (-150.0, 130.0),
+    "log": (0.0, 1e6), "log1p": (-1.0, 1e6), "log2": (0.0, 1e6), "log10": (0.0, 1e6),
+    "sin": (-100.0, 100.0), "cos": (-100.0, 100.0), "tan": (-10.0, 10.0),
+    "sinh": (-90.0, 90.0), "cosh": (-90.0, 90.0), "tanh": (-12.0, 12.0),
+    "asin": (-1.0, 1.0), "acos": (-1.0, 1.0), "atan": (-1e4, 1e4),
+    "asinh": (-1e4, 1e4), "acosh": (1.0, 1e4), "atanh": (-1.0, 1.0),
+    "erf": (-6.0, 6.0), "erfc": (-6.0, 12.0),
+}
+BINARY = {"atan2": torch.atan2, "hypot": torch.hypot, "pow": torch.pow}
+SPECIALS = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40,
+            2.0, -2.0, 1e30, -1e30]
+N = 4099  # whole vectors and a scalar tail
+
+
+def inputs(low: float, high: float, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Uniform over the domain, log-uniform magnitudes, just outside the domain, specials."""
+    gen = torch.Generator().manual_seed(seed)
+    uniform = torch.rand(N // 3, generator=gen, dtype=torch.float64) * (high - low) + low
+    sign = torch.randint(0, 2, (N // 3,), generator=gen) * 2 - 1
+    magnitude = sign * 10 ** (torch.rand(N // 3, generator=gen, dtype=torch.float64) * 12 - 6)
+    rest = N - 2 * (N // 3) - len(SPECIALS)
+    outside = torch.linspace(low - 1, high + 1, rest, dtype=torch.float64)
+    values = torch.cat([uniform, magnitude, outside, torch.tensor(SPECIALS, dtype=torch.float64)])
+    return values[torch.randperm(N, generator=gen)].to(dtype)
+
+
+def ulp(reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at each (float64) reference value (subnormals included)."""
+    info = torch.finfo(dtype)
+    smallest_exponent = math.frexp(info.tiny)[1]
+    _, exponent = torch.frexp(reference.abs())
+    exponent = exponent.clamp(min=smallest_exponent)
+    return torch.ldexp(torch.full_like(reference, info.eps), exponent - 1)
+
+
+def assert_accurate(got: torch.Tensor, reference: torch.Tensor, eager: torch.Tensor) -> None:
+    """Within ULPS of the float64 reference; NaN where eager has NaN, the reference's infinities
+    and eager's signed zeros. (Eager's float32 sinh/cosh overflow early, near 89: there the
+    fused kernel may be finite and accurate, or infinite as eager is.)"""
+    assert torch.equal(got.isnan(), eager.isnan()), "NaN where eager has none, or the reverse"
+    infinite = reference.isinf()
+    assert torch.equal(got[infinite].double(), reference[infinite]), "infinities differ"
+    finite = reference.isfinite()
+    representable = finite & (reference.abs() <= torch.finfo(got.dtype).max)
+    overflow = representable & got.isinf()
+    assert eager[overflow].isinf().all(), "overflows where eager does not"
+    zeros = finite & (reference == 0)
+    assert torch.equal(got[zeros].signbit(), eager[zeros].signbit()), "signed zeros differ"
+    check = representable & got.isfinite()
+    # A float64 reference is itself computed in float64: one more ulp of slack there.
+    bound = ULPS + (got.dtype == torch.float64)
+    error = (got[check].double() - reference[check]).abs()
+    worst = (error / (bound * ulp(reference[check], got.dtype))).max().item()
+    assert worst <= 1.0, f"error {worst * bound:.1f} ulp > {bound} ulp"
+
+
+def run_fused(fn, *args) -> torch.Tensor:
+    before = cache.STATS.fallbacks
+    key = torchfuse.register_fusion(trace(fn, *args))
+    (out,) = torchfuse.run_fusion(key, *args)
+    assert cache.STATS.fallbacks == before, "ran through the fallback, not a kernel"
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(UNARY))
+def test_unary_accuracy(name, dtype):
+    fn = getattr(torch, name)
+    x = inputs(*UNARY[name], dtype)
+    got = run_fused(fn, x)
+    assert_accurate(got, fn(x.double()), fn(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(BINARY))
+def test_binary_accuracy(name, dtype):
+    fn = BINARY[name]
+    x, y = inputs(-50.0, 50.0, dtype, seed=1), inputs(-50.0, 50.0, dtype, seed=2)
+    if name == "pow":
+        x = x.abs()  # the interesting range: negative bases give NaN (or ±) on both sides
+    got = run_fused(fn, x, y)
+    assert_accurate(got, fn(x.double(), y.double()), fn(x, y))
+
+
+def test_composite_activations_accurate():
+    """sigmoid, silu, gelu (erf and tanh forms), mish and softplus go through expf/erff/tanhf."""
+    x = inputs(-30.0, 30.0, torch.float32)
+    x = x[x.isfinite()]  # eager's own gelu gives NaN or inf for inf, by its vector width
+    for fn in (torch.sigmoid, torch.nn.functional.silu, torch.nn.functional.gelu,
+               lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+               torch.nn.functional.mish, torch.nn.functional.softplus):
+        got = run_fused(fn, x)
+        torch.testing.assert_close(got, fn(x), equal_nan=True)
+
+
+def test_declarations_only_for_functions_used():
+    source = c_codegen.vector_math_declarations("float v = tanhf(a) + expm1(b) + fabsf(c);")
+    assert "TF_SIMD float tanhf(float);" in source
+    assert "TF_SIMD double expm1(double);" in source
+    assert "fabs" not in source
+    assert c_codegen.vector_math_declarations("float v = a * b;") == ""
+
+
+def test_kernel_declares_its_math_functions_simd():
+    x = torch.randn(64)
+    source = torchfuse.get_fused_kernel_code(trace(lambda t: torch.tanh(t) * torch.exp(t), x), x)
+    assert "TF_SIMD float tanhf(float);" in source
+    assert "TF_SIMD float expf(float);" in source
+
+
+@pytest.mark.skipif(not cpu_backend._has_vector_math(), reason="no glibc >= 2.35 on x86-64")
+def test_kernels_call_the_vector_variants():
+    """Where libmvec is there, the compiled kernel calls its vector variants (_ZGV... symbols)."""
+    flags = cpu_backend._flags(torchfuse.config.cc, torchfuse.config.cflags)
+    assert cpu_backend.VECTOR_MATH_FLAGS[0] in flags
+    x = torch.randn(64)
+    source = torchfuse.get_fused_kernel_code(trace(torch.tanh, x), x)
+    binary = cpu_backend.BACKEND.compile(source, torch.device("cpu"))
+    assert b"_ZGV" in binary and b"tanhf" in binary
+
+
+def test_logs_keep_out_of_domain_lanes_off_the_slow_path():
+    """log-like calls go through the domain wrappers, which give the same results (checked
+    above over negative inputs, -1, ±0, NaN and ±Inf)."""
+    x = torch.randn(64)
+    for fn, name in ((torch.log, "logf"), (torch.log1p, "log1pf"), (torch.log2, "log2f")):
+        source = torchfuse.get_fused_kernel_code(trace(fn, x), x)
+        assert f"tf_{name}(v0)" in source
