@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import torchfuse
-from conftest import assert_matches_eager, assert_same, make_input, trace
+from conftest import assert_matches_eager, assert_same, make_input, run_registered, trace
 from torchfuse import cache
 
 
@@ -149,3 +149,16 @@ def test_get_fused_kernel_code_is_c_source():
     assert "tf_kernel" in source and "expf" in source
     half = torchfuse.get_fused_kernel_code(gm, x.half())
     assert "tf_round_f16" in half
+
+
+def test_outputs_follow_the_inputs_memory_layout(device):
+    # Eager gives a transposed input's result transposed strides; code after the fusion may
+    # depend on them (a view that only fits that layout).
+    def fn(x):
+        y = torch.sigmoid(x.t()) * 2
+        return y.t().view(-1)
+    x = make_input((4, 6), torch.float32, device)
+    assert_same(torch.compile(fn, backend="torchfuse")(x), fn(x))
+    for t in (x.t(), make_input((3, 4, 5), torch.float32, device).permute(2, 0, 1)):
+        out, = run_registered(lambda a: torch.exp(a) + 1, t)
+        assert out.stride() == (torch.exp(t) + 1).stride()

@@ -277,13 +277,13 @@ def preallocated_launch(key: int, args: Sequence[torch.Tensor]) -> Callable[[], 
     """The kernel run_fusion would launch, bound to outputs allocated once: no allocation and no
     page faults per call. Reaches into the executor on purpose, to keep run_fusion lean."""
     spec = SPECS[key]
-    argspec_key, device, numel, sizes, strides, out_shapes = executor.plan(spec, args)
+    argspec_key, device, numel, sizes, strides, outs = executor.plan(spec, args)
     kernel = spec.kernels.get(argspec_key)
     if kernel is None or kernel.launch is None:
         return None
     outputs = [
-        torch.empty(s, dtype=d, device=device)
-        for s, d in zip(out_shapes, kernel.out_dtypes, strict=True)
+        torch.empty_strided(s, st or executor._contiguous_strides(s), dtype=d, device=device)
+        for (s, st), d in zip(outs, kernel.out_dtypes, strict=True)
     ]
     operands = [*args, *outputs]
     return lambda: kernel.launch(numel, sizes, strides, operands)

@@ -31,21 +31,22 @@ def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
     try:
         if config.disable:
             raise NoKernel("TORCHFUSE_DISABLE is set")
-        key, device, numel, sizes, strides, out_shapes = plan(spec, inputs)
+        key, device, numel, sizes, strides, outs = plan(spec, inputs)
     except NoKernel as why:
         return _fallback(spec, inputs, str(why))
     kernel = spec.kernels.get(key)
     if kernel is None:
         count(misses=1)
-        argspec = ArgSpec.from_key(key, len(out_shapes))
+        argspec = ArgSpec.from_key(key, len(outs))
         kernel = spec.kernels.get_or_build(key, lambda: build(spec, argspec, device))
     else:
         STATS.hits += 1  # racy but cheap: statistics, not correctness
     if kernel.launch is None:
         return _fallback(spec, inputs, kernel.reason)
     outputs = [
-        torch.empty(shape, dtype=dtype, device=device)
-        for shape, dtype in zip(out_shapes, kernel.out_dtypes)
+        torch.empty(shape, dtype=dtype, device=device) if stride is None
+        else torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        for (shape, stride), dtype in zip(outs, kernel.out_dtypes)
     ]
     if numel:
         error = kernel.launch(numel, sizes, strides, [*inputs, *outputs])
@@ -68,13 +69,13 @@ def bind(spec: KernelSpec, examples: Sequence) -> Callable[..., tuple] | None:
         return None
     try:
         with torch.no_grad():
-            key, device, numel, sizes, strides, out_shapes = plan(spec, examples)
+            key, device, numel, sizes, strides, outs = plan(spec, examples)
     except NoKernel:
         return None
     shapes = [tuple(t.shape) for t in examples]
     layouts = [t.stride() for t in examples]
     # empty_strided parses its arguments faster than empty does
-    out_layouts = [(tuple(s), tuple(_contiguous_strides(s))) for s in out_shapes]
+    out_layouts = [(tuple(s), tuple(st or _contiguous_strides(s))) for s, st in outs]
 
     def fusion(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kernel = spec.kernels.get(key)
@@ -131,7 +132,8 @@ def plan(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple:
         numel = first.numel()
         key = (backend.device_key(device), dtypes, None)
         # torch.empty parses a tuple faster than a torch.Size
-        return key, device, numel, [numel], [1] * (len(inputs) + n_out), [tuple(shape)] * n_out
+        outs = [(tuple(shape), None)] * n_out  # contiguous, like the inputs
+        return key, device, numel, [numel], [1] * (len(inputs) + n_out), outs
     return _general_plan(spec, inputs, device, backend.device_key(device), dtypes)
 
 
@@ -180,21 +182,25 @@ def _general_plan(spec, inputs, device, device_key, dtypes) -> tuple:
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
         _PLANS[memo] = found
-    key, numel, sizes, flat_strides, out_shapes = found
-    return key, device, numel, sizes, flat_strides, out_shapes
+    key, numel, sizes, flat_strides, outs = found
+    return key, device, numel, sizes, flat_strides, outs
 
 
 def _layout(spec, shapes, input_strides, device_key, dtypes) -> tuple:
-    """(argspec key, numel, sizes, strides, output shapes) for inputs of these shapes."""
+    """(argspec key, numel, sizes, strides, outputs' (shape, strides)) for these inputs."""
     shape = _broadcast(shapes)
     every = frozenset(range(len(shapes)))
-    out_shapes = [
-        shape if deps == every else _broadcast([shapes[i] for i in sorted(deps)])
-        for deps in spec.output_deps
-    ]
     rank = len(shape)
     strides = [_aligned(s, t, rank) for s, t in zip(shapes, input_strides, strict=True)]
-    strides += [_aligned(s, _contiguous_strides(s), rank) for s in out_shapes]
+    # Full outputs take the inputs' memory layout as eager's would (a transposed input gives a
+    # transposed output); partial ones are contiguous in their own shape.
+    full = output_strides(shape, strides)
+    outs = [
+        (tuple(shape), full) if deps == every
+        else (tuple(_broadcast([shapes[i] for i in sorted(deps)])), None)
+        for deps in spec.output_deps
+    ]
+    strides += [_aligned(s, st or _contiguous_strides(s), rank) for s, st in outs]
     sizes, merged = _merge(shape, strides)
     n_in = len(shapes)
     inner = tuple(_code(m[-1]) for m in merged[:n_in])
@@ -206,7 +212,46 @@ def _layout(spec, shapes, input_strides, device_key, dtypes) -> tuple:
             and all(o == (CONTIG, False) for o in outputs))
     layout = None if flat else (len(sizes), inner, zero_dim, outputs)
     flat_strides = [s for m in merged for s in m]
-    return (device_key, dtypes, layout), math.prod(shape), sizes, flat_strides, out_shapes
+    return (device_key, dtypes, layout), math.prod(shape), sizes, flat_strides, outs
+
+
+def output_strides(shape: Sequence[int], strides: Sequence[Sequence[int]]) -> list[int] | None:
+    """The strides eager's TensorIterator gives an output of ``shape`` computed from inputs of
+    these (broadcast-aligned) strides; None when that is the contiguous layout.
+
+    Dimensions are ordered from fastest to slowest by the first input whose strides tell them
+    apart (TensorIterator::reorder_dimensions), and the output is dense in that order.
+    """
+    rank = len(shape)
+    order = list(range(rank - 1, -1, -1))  # fastest-moving dimension first
+
+    def should_swap(d0: int, d1: int) -> int:
+        for s in strides:
+            a, b = s[d0], s[d1]
+            if a == 0 or b == 0:  # broadcast in one of them: the next input decides
+                continue
+            if a != b:
+                return 1 if a > b else -1
+            if shape[d0] > shape[d1]:
+                return 1
+        return 0
+
+    for i in range(1, rank):
+        d1 = i
+        for d0 in range(i - 1, -1, -1):
+            comparison = should_swap(order[d0], order[d1])
+            if comparison > 0:
+                order[d0], order[d1] = order[d1], order[d0]
+                d1 = d0
+            elif comparison < 0:
+                break
+    if order == list(range(rank - 1, -1, -1)):
+        return None
+    result, step = [0] * rank, 1
+    for d in order:
+        result[d] = step
+        step *= shape[d]
+    return result
 
 
 def _merge(shape: Sequence[int], strides: list[list[int]]) -> tuple[list[int], list[list[int]]]:
