@@ -52,6 +52,9 @@ HELPERS: list[tuple[tuple[str, ...], str]] = [
     (("tf_bf2f", "tf_f2bf", "tf_round_bf16"), r"""
 TF_FN float tf_bf2f(uint16_t h) { return tf_u2f((uint32_t)h << 16); }
 TF_FN uint16_t tf_f2bf(float f) {
+#ifdef TF_F2BF_NATIVE
+  return TF_F2BF_NATIVE(f);
+#endif
   uint32_t u = tf_f2u(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  /* NaN */
   return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  /* round to nearest even */
