@@ -17,7 +17,7 @@ from . import devices, diskcache, fallback, ops
 from .cache import SPECS, count
 from .codegen import TypedGraph
 from .config import log
-from .ir import FusionGraph, attr_value, from_fx
+from .ir import FusionGraph, from_fx
 from .spec import ArgSpec, Kernel, KernelSpec
 
 
@@ -44,10 +44,9 @@ def infer_types(graph: FusionGraph, argspec: ArgSpec, cuda: bool = False) -> Typ
     values = fallback.evaluate(graph, metas)
     selected = []
     for k, op in enumerate(graph.ops):
-        operands = [fallback._value(o, values) for o in op.operands]
-        attrs = {name: attr_value(v) for name, v in op.attrs}
+        operands = [fallback.operand_value(o, values) for o in op.operands]
         out = values[graph.n_inputs + k].dtype
-        selected.append(ops.select(op.target, attrs, operands, out, cuda=cuda))
+        selected.append(ops.select(op.target, op.attr_dict, operands, out, cuda=cuda))
     for value in values:
         if value.dtype not in ops.DTYPES:
             raise ops.Unsupported(f"dtype {value.dtype}")

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from . import ops
-from .ir import Const, FusionGraph, Ref, attr_value
+from .ir import Const, FusionGraph, Ref
 
 
-def _value(operand: Any, values: list) -> Any:
+def operand_value(operand: Any, values: list) -> Any:
     if isinstance(operand, Ref):
         return values[operand.id]
     return operand.value if isinstance(operand, Const) else operand
@@ -25,9 +25,8 @@ def evaluate(graph: FusionGraph, inputs: Sequence[Any]) -> list:
     """Every value of the graph (inputs first, then one per op), computed eagerly."""
     values = list(inputs)
     for op in graph.ops:
-        operands = [_value(o, values) for o in op.operands]
-        attrs = {name: attr_value(v) for name, v in op.attrs}
-        args, kwargs = ops.join_arguments(op.target, operands, attrs)
+        operands = [operand_value(o, values) for o in op.operands]
+        args, kwargs = ops.join_arguments(op.target, operands, op.attr_dict)
         values.append(op.target(*args, **kwargs))
     return values
 

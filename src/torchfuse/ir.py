@@ -63,7 +63,8 @@ class Op:
 
     @property
     def attr_dict(self) -> dict[str, Any]:
-        return dict(self.attrs)
+        """The attributes by name, as plain Python values."""
+        return {name: attr_value(value) for name, value in self.attrs}
 
     @property
     def name(self) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import ops
-from ..ir import Const, FusionGraph, attr_value
+from ..ir import Const, FusionGraph
 from ..spec import BROADCAST, CONTIG, ArgSpec
 
 C_TYPES = {
@@ -261,7 +261,7 @@ class CStyleRenderer:
         ctx = ops.Ctx(
             compute=compute,
             out=out,
-            attrs={name: attr_value(v) for name, v in op.attrs},
+            attrs=op.attr_dict,
             T=C_TYPES[compute],
             U="uint64_t" if compute == torch.int64 else "uint32_t",
             t=INT_TAGS.get(compute, ""),
