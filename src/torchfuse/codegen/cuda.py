@@ -62,6 +62,11 @@ TF_FN tf_half tf_f2h(float f) {
 }
 TF_FN uint32_t tf_f2u(float f) { return __float_as_uint(f); }
 TF_FN float tf_u2f(uint32_t u) { return __uint_as_float(u); }
+/* n / d: 32-bit indices by a multiply-high with the host's magic number for d (n < 2**31) */
+TF_FN uint32_t tf_divide(uint32_t n, uint32_t d, uint32_t magic, uint32_t shift) {
+  return (__umulhi(n, magic) + n) >> shift;
+}
+TF_FN uint64_t tf_divide(uint64_t n, uint64_t d, uint32_t magic, uint32_t shift) { return n / d; }
 #if __CUDA_ARCH__ >= 800  /* one instruction instead of the portable bit arithmetic */
 TF_FN uint16_t tf_f2bf_native(float f) {
   uint16_t h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
@@ -129,8 +134,11 @@ class _Kernel:
     def params(self) -> str:
         rank, k = self.argspec.rank, len(self.dtypes)
         names = ["n_", *(f"size{d}_" for d in range(rank))]
+        dividers = [f"const uint32_t {kind}{d}_"
+                    for d in range(1, rank) for kind in ("magic", "shift")]
         names += [f"stride{p}_{d}_" for p in range(k) for d in range(rank)]
         params = [f"const int64_t {name}" for name in names]
+        params[1 + rank:1 + rank] = dividers
         for p, dtype in enumerate(self.dtypes):
             t = STORAGE_TYPES[dtype]
             if p < self.n_in:
@@ -166,7 +174,8 @@ class _Kernel:
         inner = rank - 1
         lines = ["I rem = i;"] if rank > 1 else []
         for d in range(inner, 0, -1):
-            lines.append(f"const I j{d} = rem % (I)size{d}_; rem /= (I)size{d}_;")
+            lines.append(f"const I q{d} = tf_divide(rem, (I)size{d}_, magic{d}_, shift{d}_);")
+            lines.append(f"const I j{d} = rem - q{d} * (I)size{d}_; rem = q{d};")
         lines.append("const I j0 = rem;" if rank > 1 else "const I j0 = i;")
         for p in range(k):
             terms = [f"j{d} * (I)stride{p}_{d}_" for d in range(inner)]

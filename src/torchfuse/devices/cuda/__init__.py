@@ -164,6 +164,20 @@ def needs_64bit(numel: int, sizes: Sequence[int], strides: Sequence[int]) -> boo
     )
 
 
+@functools.lru_cache(maxsize=1024)
+def dividers(sizes: tuple[int, ...]) -> list[int]:
+    """(magic, shift) for each size but the first: the kernels' 32-bit ``tf_divide`` then divides
+    by a multiply-high instead of a division (the scheme of PyTorch's IntDivider)."""
+    out = []
+    for size in sizes[1:]:
+        if not 0 < size < 2**31:  # only the 64-bit entry point runs: it divides plainly
+            out += [0, 0]
+            continue
+        shift = max(0, (size - 1).bit_length())
+        out += [((1 << 32) * ((1 << shift) - size)) // size + 1, shift]
+    return out
+
+
 def aligned(pointers: Sequence[int]) -> bool:
     """Whether every pointer allows 16-byte loads and stores."""
     bits = 0
@@ -289,7 +303,7 @@ class _Launcher:
         config = self.configs.get(blocks)
         if config is None:
             config = self.configs[blocks] = self.config_of(grid=blocks, block=BLOCK)
-        args = [numel, *sizes, *strides, *pointers]
+        args = [numel, *sizes, *dividers(tuple(sizes)), *strides, *pointers]
         if flag is not None:
             args.append(flag.data_ptr())
         try:
