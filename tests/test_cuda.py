@@ -49,7 +49,7 @@ def launches(monkeypatch):
 def _source(fn, *inputs) -> str:
     """The CUDA source for ``fn`` on inputs of these shapes and dtypes (CPU tensors will do)."""
     spec = compiler.register(trace(fn, *inputs))
-    argspec, _ = interface.argspec_of(spec.graph, inputs)
+    argspec, _ = interface.argspec_of(spec, inputs)
     return CUDARenderer().render(compiler.infer_types(spec.graph, argspec, cuda=True), argspec)
 
 
@@ -109,8 +109,8 @@ def test_vector_width_is_16_bytes_of_the_widest_operand():
 def test_flat_argspec_needs_rank_1_and_contiguous_operands():
     x = torch.randn(10, 100)
     spec = compiler.register(trace(lambda a, b: a + b, x, x))
-    assert is_flat(interface.argspec_of(spec.graph, [x, x])[0])
-    assert not is_flat(interface.argspec_of(spec.graph, [x, x.t().contiguous().t()])[0])
+    assert is_flat(interface.argspec_of(spec, [x, x])[0])
+    assert not is_flat(interface.argspec_of(spec, [x, x.t().contiguous().t()])[0])
 
 
 def test_index_width_follows_numel_and_offsets():

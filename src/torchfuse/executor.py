@@ -99,7 +99,7 @@ def _static(t: torch.Tensor) -> bool:
 
 
 def plan(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple:
-    """(argspec key, device, numel, sizes, strides, output shapes) for one call.
+    """(argspec key, device, numel, sizes, strides, outputs' (shape, strides or None)).
 
     Raises:
         NoKernel: the call must run through the fallback.

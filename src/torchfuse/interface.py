@@ -9,7 +9,7 @@ import torch
 from . import compiler, devices, executor
 from .cache import SPECS, STATS
 from .ir import FusionGraph
-from .spec import ArgSpec
+from .spec import ArgSpec, KernelSpec
 
 
 def register_fusion(graph: torch.fx.GraphModule | torch.fx.Graph | FusionGraph) -> int:
@@ -52,18 +52,17 @@ def set_fusion_enabled(device: str | torch.device, enabled: bool) -> None:
     devices.set_enabled(torch.device(device).type, enabled)
 
 
-def argspec_of(graph: FusionGraph, inputs: Sequence[torch.Tensor]) -> tuple[ArgSpec, torch.device]:
+def argspec_of(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[ArgSpec, torch.device]:
     """The ArgSpec the executor would use for these inputs (tensors, fake or real)."""
-    spec = SPECS.register(graph)
     with torch.no_grad():
         key, device, *_ = executor.plan(spec, inputs)
-    return ArgSpec.from_key(key, len(graph.outputs)), device
+    return ArgSpec.from_key(key, len(spec.graph.outputs)), device
 
 
 def get_fused_kernel_code(graph: torch.fx.GraphModule | torch.fx.Graph, *inputs) -> str:
     """The kernel source the runtime compiler would build for these inputs."""
     spec = compiler.register(graph)
-    argspec, device = argspec_of(spec.graph, inputs)
+    argspec, device = argspec_of(spec, inputs)
     source, _ = compiler.render(spec, argspec, device)
     return source
 
