@@ -16,6 +16,7 @@ import torch
 import torchfuse
 from conftest import assert_matches_eager, assert_same, make_input, trace
 from torchfuse import compiler, devices, interface
+from torchfuse.cache import SPECS
 from torchfuse.codegen.cuda import PREAMBLE, CUDARenderer, is_flat, vector_width
 from torchfuse.config import override
 from torchfuse.devices import cuda as backend
@@ -33,14 +34,13 @@ def cuda_fusion():
 
 @pytest.fixture
 def launches(monkeypatch):
-    """The entry point of every launch: "narrow" (32-bit scalar), "wide" or "vector"."""
+    """The entry point of every launch: "scalar32", "scalar64" or "vector32"."""
     seen = []
     original = backend._Launcher._launch
 
-    def spy(self, kernel, *args):
-        second = "vector" if self.flat else "wide"
-        seen.append("narrow" if kernel is self.narrow else second)
-        return original(self, kernel, *args)
+    def spy(self, entry, *args):
+        seen.append(entry)
+        return original(self, entry, *args)
 
     monkeypatch.setattr(backend._Launcher, "_launch", spy)
     return seen
@@ -83,8 +83,18 @@ def test_flat_source_has_scalar_and_vector_entries():
 
 def test_strided_source_has_32_and_64_bit_entries():
     x = torch.randn(10, 100)
-    source = _source(lambda a, b: a + b, x, x[0])
+    source = _source(lambda a, b: a + b, x.t(), x.t())
     assert "tf_scalar32(" in source and "tf_scalar64(" in source and "tf_vector" not in source
+    assert source.startswith("// entry points: scalar32 scalar64")
+
+
+def test_rows_with_a_broadcast_bias_get_a_vector_entry_first():
+    x = torch.randn(10, 100)
+    source = _source(lambda a, b, c: a + b * c, x, x[0], x[:, :1])  # row bias, column scale
+    assert "// entry points: vector32 scalar32 scalar64" in source
+    assert "#ifdef TF_ENTRY_vector32" in source
+    assert "*(const uint4*)(in1 + o1)" in source  # the row bias: vector loads
+    assert "const float s = in2[o2];" in source  # the column scale: one load per vector
 
 
 def test_integer_division_source_reports_errors():
@@ -251,17 +261,49 @@ def test_vector_path_and_its_tail(cuda_fusion, launches, n):
     fn = lambda a, b: (a * b > 0.25, a + 1)  # noqa: E731
     fused = _fused(fn, base[:n], other[:n])
     assert_same(fused(base[:n], other[:n]), fn(base[:n], other[:n]))
-    assert launches[-1] == "vector"
+    assert launches[-1] == "vector32"
     # one element in: 2 or 4 bytes off, so no 16-byte loads
     assert_same(fused(base[1 : n + 1], other[1 : n + 1]), fn(base[1 : n + 1], other[1 : n + 1]))
-    assert launches[-1] == "narrow"
+    assert launches[-1] == "scalar32"
+
+
+@gpu
+@pytest.mark.parametrize("cols", [64, 66, 1])
+def test_row_vectors_where_rows_allow_them(cuda_fusion, launches, cols):
+    """Rows of a multiple of the vector width run 16-byte loads; other rows, and unaligned
+    operands, the scalar entry, compiled when first needed; a partial output is written once."""
+    x = make_input((33, cols), torch.float32, "cuda")
+    bias = make_input((cols,), torch.float32, "cuda")
+    fn = lambda a, b: (torch.sigmoid(a + b) * 2, b * 3)  # noqa: E731
+    torchfuse.clear_cache()
+    fused = _fused(fn, x, bias)
+    assert_same(fused(x, bias), fn(x, bias))
+    assert launches[-1] == ("vector32" if cols == 64 else "scalar32")
+    wide = make_input((33, 2 * cols + 4), torch.float32, "cuda")
+    chunk = wide[:, 4:cols + 4]  # a chunk of wider rows: 16 bytes in, so still aligned
+    assert_same(fused(chunk, bias), fn(chunk, bias))
+    shifted = wide[:, 1:cols + 1]  # 4 bytes off: scalar
+    assert_same(fused(shifted, bias), fn(shifted, bias))
+    assert launches[-1] == "scalar32"
+
+
+@gpu
+def test_entry_points_compile_when_first_needed(cuda_fusion):
+    x = make_input((1000,), torch.float32, "cuda")
+    torchfuse.clear_cache()
+    key = torchfuse.register_fusion(trace(lambda a: a * 2, x))
+    torchfuse.run_fusion(key, x)
+    (kernel,) = SPECS[key].kernels.values()
+    assert list(kernel.launch.kernels) == ["vector32"]
+    assert_same(torchfuse.run_fusion(key, x[1:])[0], x[1:] * 2)
+    assert list(kernel.launch.kernels) == ["vector32", "scalar32"]
 
 
 @gpu
 def test_strided_kernels_index_in_32_bits(cuda_fusion, launches):
     x = make_input((60, 70), torch.float32, "cuda")
     assert_matches_eager(lambda a, b: a * b - a, x.t(), x[:1, :60])
-    assert launches[-1] == "narrow"
+    assert launches[-1] == "scalar32"
 
 
 @gpu
@@ -272,7 +314,7 @@ def test_offsets_past_2_31_use_64_bit_indexing(cuda_fusion, launches):
     big[-1] = 5
     view = big[:: 2**21]  # 1025 elements, the last 2**31 elements in
     assert_matches_eager(lambda a: a * 3 + 1, view)
-    assert launches[-1] == "wide"
+    assert launches[-1] == "scalar64"
     del big, view
 
 
@@ -285,7 +327,7 @@ def test_flat_calls_past_2_31_elements_run_in_chunks(cuda_fusion, launches):
     x[-1], x[2**30] = 7, 9
     fused = _fused(lambda a: a * 2 + 1, x)
     out = fused(x)[0]
-    assert launches == ["vector"] * 3  # 2**30, 2**30 and 37 elements
+    assert launches == ["vector32"] * 3  # 2**30, 2**30 and 37 elements
     assert torch.equal(out, x * 2 + 1)
     assert out[2**30].item() == 19 and out[-1].item() == 15
 

@@ -3,6 +3,9 @@ Each must give what ``run`` gives, and step aside (to ``run``) whenever its assu
 
 from __future__ import annotations
 
+import functools
+import os
+
 import pytest
 import torch
 
@@ -84,3 +87,47 @@ def test_memoised_general_plan_follows_the_inputs(device):
         assert_same(torchfuse.run_fusion(key, small, big), fn(small, big))
     other = make_input((5, 1), torch.float32, device)
     assert_same(torchfuse.run_fusion(key, other, big), fn(other, big))
+
+
+def where_div(x, y, n):
+    return torch.where(x > 0, x * y, torch.tanh(y)), torch.div(n, n - 3, rounding_mode="floor")
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native_launch", "python_launch"])
+def test_both_launch_paths_match_eager(device, native):
+    """The C launcher and the Python one (TORCHFUSE_NATIVE_LAUNCH=0) pack the same arguments:
+    flat, strided and broadcast operands, several outputs, and a kernel that reports an error."""
+    x = make_input((40, 70), torch.float32, device)
+    y = make_input((70, 40), torch.float16, device).t()
+    n = make_input((70,), torch.int32, device, low=4)
+    torchfuse.clear_cache()
+    with torchfuse.config.override(native_launch=native):
+        key = torchfuse.register_fusion(trace(where_div, x, y, n))
+        assert_same(torchfuse.run_fusion(key, x, y, n), where_div(x, y, n))
+        flat = (x, x * 2, torch.arange(4, 2804, device=device, dtype=torch.int32).view(40, 70))
+        assert_same(torchfuse.run_fusion(key, *flat), where_div(*flat))
+        kernels = [k for k in SPECS[key].kernels.values() if k.launch is not None]
+        assert len(kernels) == 2
+        if device == "cpu":
+            assert all(isinstance(k.launch, functools.partial) == native for k in kernels)
+        zero = torch.full((70,), 3, dtype=torch.int32, device=device)
+        if device == "cpu":  # integer division by zero: eager's error through the fallback
+            with pytest.raises(RuntimeError, match="ZeroDivisionError|division by zero"):
+                torchfuse.run_fusion(key, x, y, zero)
+    torchfuse.clear_cache()
+
+
+def test_native_launcher_builds_here():
+    """Python's headers and a C compiler are here, so kernels must not pay the Python launch."""
+    import sysconfig
+
+    from torchfuse.devices import launcher
+
+    if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        pytest.skip("Python's headers are not installed")
+    native = launcher.get()
+    assert native is not None
+    with pytest.raises(TypeError):
+        native.cpu(0, 1, [], [])  # wrong arity: an error, not a crash
+    with pytest.raises(ValueError, match="too many"):
+        native.cpu(0, 1, [0] * 2000, [], [])

@@ -75,7 +75,7 @@ def build(spec: KernelSpec, argspec: ArgSpec, device: torch.device) -> Kernel:
     start = time.perf_counter()
     try:
         binary, compiled = diskcache.load_or_compile(backend, source, device)
-        launch = backend.load(binary, device)
+        launch = backend.load(binary, device, source)
     except Exception as error:
         _warn_once(spec, f"torchfuse: fusion {spec.key} runs through the fallback: {error}")
         return Kernel(source, out_dtypes, None, f"compile failed: {error}")

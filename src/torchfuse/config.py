@@ -67,6 +67,12 @@ class Config:
     """TORCHFUSE_PARALLEL_THRESHOLD: CPU kernels use OpenMP threads from this many elements
     (divided by 1 + the number of math function calls per element)."""
 
+    native_launch: bool = dataclasses.field(
+        default_factory=lambda: _flag("TORCHFUSE_NATIVE_LAUNCH", True)
+    )
+    """TORCHFUSE_NATIVE_LAUNCH=0: launch kernels from Python (ctypes, cuda.core) instead of the
+    small C launcher built once per machine (devices/launch.c)."""
+
     def override(self, **changes: object) -> contextlib.AbstractContextManager[Config]:
         """``with torchfuse.config.override(debug=4): ...`` (see :func:`override`)."""
         return override(**changes)

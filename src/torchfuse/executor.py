@@ -43,8 +43,9 @@ def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
         STATS.hits += 1  # racy but cheap: statistics, not correctness
     if kernel.launch is None:
         return _fallback(spec, inputs, kernel.reason)
+    first = inputs[0]
     outputs = [
-        torch.empty(shape, dtype=dtype, device=device) if stride is None
+        torch.empty_like(first, dtype=dtype) if stride is None  # the fastest allocation
         else torch.empty_strided(shape, stride, dtype=dtype, device=device)
         for (shape, stride), dtype in zip(outs, kernel.out_dtypes)
     ]
@@ -99,7 +100,8 @@ def _static(t: torch.Tensor) -> bool:
 
 
 def plan(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple:
-    """(argspec key, device, numel, sizes, strides, outputs' (shape, strides or None)).
+    """(argspec key, device, numel, sizes, strides, outputs' (shape, strides)); an output's
+    strides are None where it takes the first input's (contiguous) layout.
 
     Raises:
         NoKernel: the call must run through the fallback.
@@ -111,7 +113,7 @@ def plan(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple:
         raise NoKernel("inputs must be tensors")
     device, shape = first.device, first.shape
     grad = torch.is_grad_enabled()
-    same_shape = contiguous = True
+    flat = spec.full_outputs
     for t in inputs:
         if not isinstance(t, _Tensor):
             raise NoKernel("inputs must be tensors")
@@ -119,22 +121,24 @@ def plan(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple:
             raise NoKernel(f"inputs on different devices ({device} and {t.device})")
         if grad and t.requires_grad:
             raise NoKernel("an input requires grad (autograd needs eager ops)")
-        if t.shape != shape:
-            same_shape = False
-        elif not t.is_contiguous():
-            contiguous = False
-    backend = devices.get(device.type)
-    if backend is None:
+        if flat and (t.shape != shape or not t.is_contiguous()):
+            flat = False
+    device_key = devices.device_key(device)
+    if device_key is None:
         raise NoKernel(devices.why_not(device.type) or f"no backend for {device.type}")
     dtypes = tuple([t.dtype for t in inputs])
-    n_out = len(spec.output_deps)
-    if same_shape and contiguous and spec.full_outputs:
+    if flat:  # one flat loop over contiguous operands of one shape
         numel = first.numel()
-        key = (backend.device_key(device), dtypes, None)
-        # torch.empty parses a tuple faster than a torch.Size
-        outs = [(tuple(shape), None)] * n_out  # contiguous, like the inputs
-        return key, device, numel, [numel], [1] * (len(inputs) + n_out), outs
-    return _general_plan(spec, inputs, device, backend.device_key(device), dtypes)
+        n_out = len(spec.output_deps)
+        strides = _UNIT_STRIDES.get((len(inputs), n_out))
+        if strides is None:
+            strides = _UNIT_STRIDES[len(inputs), n_out] = [1] * (len(inputs) + n_out)
+        outs = [(shape, None)] * n_out  # contiguous, like the inputs
+        return (device_key, dtypes, None), device, numel, [numel], strides, outs
+    return _general_plan(spec, inputs, device, device_key, dtypes)
+
+
+_UNIT_STRIDES: dict[tuple[int, int], list[int]] = {}  # (inputs, outputs) -> flat strides: read-only
 
 
 def _broadcast(shapes: Sequence[Sequence[int]]) -> list[int]:
@@ -194,13 +198,13 @@ def _layout(spec, shapes, input_strides, device_key, dtypes) -> tuple:
     strides = [_aligned(s, t, rank) for s, t in zip(shapes, input_strides, strict=True)]
     # Full outputs take the inputs' memory layout as eager's would (a transposed input gives a
     # transposed output); partial ones are contiguous in their own shape.
-    full = output_strides(shape, strides)
+    full = output_strides(shape, strides) or _contiguous_strides(shape)
+    partial = [_broadcast([shapes[i] for i in sorted(deps)]) for deps in spec.output_deps]
     outs = [
-        (tuple(shape), full) if deps == every
-        else (tuple(_broadcast([shapes[i] for i in sorted(deps)])), None)
-        for deps in spec.output_deps
+        (tuple(shape), tuple(full)) if deps == every else (tuple(s), tuple(_contiguous_strides(s)))
+        for deps, s in zip(spec.output_deps, partial)
     ]
-    strides += [_aligned(s, st or _contiguous_strides(s), rank) for s, st in outs]
+    strides += [_aligned(s, st, rank) for s, st in outs]
     sizes, merged = _merge(shape, strides)
     n_in = len(shapes)
     inner = tuple(_code(m[-1]) for m in merged[:n_in])

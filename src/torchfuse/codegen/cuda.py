@@ -5,15 +5,17 @@ Operands follow codegen/c.py: inputs, then outputs; sizes, then per-operand stri
 
     (int64 n, int64 size[R], int64 stride[K][R], pointer[K] [, int* error])
 
-A source holds two entry points over the same element body, each a grid-stride loop, and the
-launcher picks one per call (devices/cuda). Strided kernels have ``scalar32`` and ``scalar64``:
-32- or 64-bit index arithmetic (the division and remainder that turn an index into offsets are
-far cheaper in 32 bits: the GPU emulates 64-bit ones). Flat kernels (rank 1, every operand
-contiguous) have ``scalar32`` and ``vector32``, which moves every operand in loads and stores of
-up to 16 bytes and needs each pointer 16-byte aligned; the launcher splits a flat call of 2**31
-elements or more into chunks, so flat kernels index in 32 bits only. Names start with ``tf_``, or
-``tf_checked_`` when the body can fail (integer division by zero): those take an error flag as
-last parameter.
+A source holds up to three entry points over the same element body, each a grid-stride loop
+under ``#ifdef TF_ENTRY_<name>``; the backend compiles one at a time (the first listed when the
+kernel is built, another when a call first needs it) and the launcher picks one per call
+(devices/cuda). ``scalar32`` and ``scalar64``: one element per thread, 32- or 64-bit index
+arithmetic (turning an index into offsets is far cheaper in 32 bits). ``vector32``: each thread
+moves up to 16 bytes of every operand in one load or store, which needs aligned pointers; flat
+kernels (rank 1, every operand contiguous) have it and ``scalar32``, and index in 32 bits only
+(the launcher splits a call of 2**31 elements or more into chunks); strided kernels whose
+operands are all contiguous or broadcast along the inner dimension (a bias added to rows, a
+chunk of a wider tensor) have all three. Names start with ``tf_``, or ``tf_checked_`` when the
+body can fail (integer division by zero): those take an error flag as last parameter.
 """
 
 from __future__ import annotations
@@ -95,6 +97,15 @@ def vector_width(dtypes) -> int:
     return VECTOR_BYTES // max(dtype.itemsize for dtype in dtypes)
 
 
+def entry_points(argspec: ArgSpec) -> list[str]:
+    """The entry points a kernel for ``argspec`` has, the one most calls take first."""
+    vectorisable = (all(d.inner in (CONTIG, BROADCAST) for d in argspec.inputs)
+                    and all(inner == CONTIG for inner, _ in argspec.outputs))
+    if is_flat(argspec):
+        return ["vector32", "scalar32"]
+    return ["vector32", "scalar32", "scalar64"] if vectorisable else ["scalar32", "scalar64"]
+
+
 def is_flat(argspec: ArgSpec) -> bool:
     """Rank 1 and every operand contiguous: the case vector kernels serve."""
     return (argspec.rank == 1 and all(d.inner == CONTIG for d in argspec.inputs)
@@ -113,7 +124,8 @@ class CUDARenderer(CStyleRenderer):
     def render(self, typed: TypedGraph, argspec: ArgSpec) -> str:
         kernel = _Kernel(self, typed, argspec)
         code = "\n".join(kernel.lines())
-        return "\n".join([self.preamble, helpers_for(code), "", code, ""])
+        names = f"// entry points: {' '.join(entry_points(argspec))}"
+        return "\n".join([names, self.preamble, helpers_for(code), "", code, ""])
 
 
 class _Kernel:
@@ -168,15 +180,16 @@ class _Kernel:
             lines.append(f"if ({condition}) {stmt}" if condition else stmt)
         return lines
 
-    def strided_element(self) -> list[str]:
-        """Index ``i`` unravelled over the dimensions; each operand's offset from its strides."""
+    def offsets(self, index: str) -> list[str]:
+        """Element ``index`` unravelled over the dimensions into ``j0..``; each operand's offset
+        ``o<p>`` from its strides (the inner one only where it is not 1 or 0)."""
         rank, k = self.argspec.rank, len(self.dtypes)
         inner = rank - 1
-        lines = ["I rem = i;"] if rank > 1 else []
+        lines = [f"I rem = {index};"] if rank > 1 else []
         for d in range(inner, 0, -1):
             lines.append(f"const I q{d} = tf_divide(rem, (I)size{d}_, magic{d}_, shift{d}_);")
             lines.append(f"const I j{d} = rem - q{d} * (I)size{d}_; rem = q{d};")
-        lines.append("const I j0 = rem;" if rank > 1 else "const I j0 = i;")
+        lines.append("const I j0 = rem;" if rank > 1 else f"const I j0 = {index};")
         for p in range(k):
             terms = [f"j{d} * (I)stride{p}_{d}_" for d in range(inner)]
             code = self.codes[p]
@@ -185,19 +198,21 @@ class _Kernel:
             elif code != BROADCAST:
                 terms.append(f"j{inner} * (I)stride{p}_{inner}_")
             lines.append(f"const I o{p} = {' + '.join(terms) or '0'};")
+        return lines
 
-        def guard(o: int) -> str | None:
-            # A partial output is smaller than the iteration space: write each element once,
-            # from the first position along every dimension where it is broadcast.
-            if not self.argspec.partial_outputs[o]:
-                return None
-            p = self.n_in + o
-            conditions = [f"(j{d} == 0 || stride{p}_{d}_ != 0)" for d in range(inner)]
-            if self.codes[p] == BROADCAST:
-                conditions.append(f"j{inner} == 0")
-            return " && ".join(conditions) or "1"
+    def guard(self, o: int) -> str | None:
+        """A partial output is smaller than the iteration space: write each element once, from
+        the first position along every dimension where it is broadcast."""
+        if not self.argspec.partial_outputs[o]:
+            return None
+        inner, p = self.argspec.rank - 1, self.n_in + o
+        conditions = [f"(j{d} == 0 || stride{p}_{d}_ != 0)" for d in range(inner)]
+        if self.codes[p] == BROADCAST:
+            conditions.append(f"j{inner} == 0")
+        return " && ".join(conditions) or "1"
 
-        return lines + self.element(lambda p: f"o{p}", guard)
+    def strided_element(self) -> list[str]:
+        return self.offsets("i") + self.element(lambda p: f"o{p}", self.guard)
 
     # ---- kernels -------------------------------------------------------------------------------
 
@@ -217,15 +232,30 @@ class _Kernel:
         ]
 
     def vector(self) -> list[str]:
-        """Aligned flat kernels: a thread moves ``width`` elements of each operand in one load or
-        store of at most 16 bytes; the last, partial vector goes element by element."""
+        """A thread moves ``width`` elements of each operand in one load or store of at most 16
+        bytes. Flat kernels: the last, partial vector goes element by element. Strided ones
+        (every operand contiguous or broadcast along the inner dimension): the launcher runs
+        them only where the inner size and the contiguous operands' other strides are multiples
+        of ``width`` (so no vector straddles a row), and a broadcast operand is loaded once."""
         width = vector_width(self.dtypes)
-        r, dtypes, n_in = self.r, self.dtypes, self.n_in
+        r, dtypes, n_in, flat = self.r, self.dtypes, self.n_in, self.flat
         words = [LOAD_TYPES[width * d.itemsize] for d in dtypes]
         inputs, outputs = range(n_in), range(n_in, len(dtypes))
+        offset = (lambda p: "base") if flat else (lambda p: f"o{p}")
 
         def each(statement: str, pad: str = "      ") -> list[str]:
             return [f"{pad}#pragma unroll", f"{pad}for (int k = 0; k < {width}; k++) {statement}"]
+
+        def load(p: int) -> list[str]:
+            if self.codes[p] == BROADCAST:
+                return [f"{{ const {STORAGE_TYPES[dtypes[p]]} s = in{p}[{offset(p)}];",
+                        *each(f"b{p}.e[k] = s; }}", pad="        ")]
+            return [f"b{p}.all = *(const {words[p]}*)(in{p} + {offset(p)});"]
+
+        def store(p: int) -> str:
+            statement = f"*({words[p]}*)(out{p - n_in} + {offset(p)}) = b{p}.all;"
+            condition = None if flat else self.guard(p - n_in)
+            return f"if ({condition}) {statement}" if condition else statement
 
         element = self.element(
             None,
@@ -234,6 +264,25 @@ class _Kernel:
         )
         if self.checked:  # only elements inside the tensor may report an error
             element = ["int err = 0;", *element, "tf_err |= err & (i < full || base + k < n);"]
+        unions = [f"    union {{ {words[p]} all; {STORAGE_TYPES[d]} e[{width}]; }} b{p};"
+                  for p, d in enumerate(dtypes)]
+        if flat:
+            loads = ["    if (i < full) {",
+                     *(f"      {line}" for p in inputs for line in load(p)),
+                     "    } else {",
+                     *(line for p in inputs
+                       for line in each(f"b{p}.e[k] = base + k < n ? in{p}[base + k] : 0;")),
+                     "    }"]
+            tail = "if (base + k < n) out{}[base + k] = b{}.e[k];"
+            stores = ["    if (i < full) {",
+                      *(f"      {store(p)}" for p in outputs),
+                      "    } else {",
+                      *(line for p in outputs for line in each(tail.format(p - n_in, p))),
+                      "    }"]
+        else:  # every vector is whole: the inner size is a multiple of width
+            loads = [*(f"    {line}" for line in self.offsets("base")),
+                     *(f"    {line}" for p in inputs for line in load(p))]
+            stores = [f"    {store(p)}" for p in outputs]
         return [
             "template <typename I>",
             f"TF_FN void tf_vector(\n    {self.params()}) {{",
@@ -242,23 +291,12 @@ class _Kernel:
             "  int tf_err = 0;",
             "  for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < vectors; i += step) {",
             f"    const I base = i * {width};",
-            *(f"    union {{ {words[p]} all; {STORAGE_TYPES[d]} e[{width}]; }} b{p};"
-              for p, d in enumerate(dtypes)),
-            "    if (i < full) {",
-            *(f"      b{p}.all = ((const {words[p]}*)in{p})[i];" for p in inputs),
-            "    } else {",
-            *(line for p in inputs
-              for line in each(f"b{p}.e[k] = base + k < n ? in{p}[base + k] : 0;")),
-            "    }",
+            *unions,
+            *loads,
             *each("{", pad="    "),
             *(f"      {line}" for line in element),
             "    }",
-            "    if (i < full) {",
-            *(f"      (({words[p]}*)out{p - n_in})[i] = b{p}.all;" for p in outputs),
-            "    } else {",
-            *(line for p in outputs
-              for line in each(f"if (base + k < n) out{p - n_in}[base + k] = b{p}.e[k];")),
-            "    }",
+            *stores,
             "  }",
             *self.report("tf_err"),
             "}",
@@ -267,21 +305,28 @@ class _Kernel:
     def report(self, flag: str = "err") -> list[str]:
         return [f"  if ({flag}) *error = 1;"] if self.checked else [f"  (void){flag};"]
 
-    def entry(self, kind: str, bits: int) -> list[str]:
+    def entry(self, name: str) -> list[str]:
         prefix = "tf_checked_" if self.checked else "tf_"
-        index = "uint32_t" if bits == 32 else "uint64_t"
+        kind, bits = name[:-2], name[-2:]
+        index = "uint32_t" if bits == "32" else "uint64_t"
         return [
-            f'extern "C" __global__ void __launch_bounds__({BLOCK}) {prefix}{kind}{bits}(',
+            f"#ifdef TF_ENTRY_{name}",
+            f'extern "C" __global__ void __launch_bounds__({BLOCK}) {prefix}{name}(',
             f"    {self.params()}) {{",
             f"  tf_{kind}<{index}>({self.args()});",
             "}",
+            "#endif",
         ]
 
     def lines(self) -> list[str]:
-        """Two entry points. Flat kernels index in 32 bits only (the launcher splits a call of
-        2**31 elements or more into chunks), so their second entry is the vector kernel."""
-        entries = [("scalar", 32), ("vector" if self.flat else "scalar", 32 if self.flat else 64)]
-        lines = self.scalar() + [""] + (self.vector() + [""] if self.flat else [])
-        for kind, bits in entries:
-            lines += [*self.entry(kind, bits), ""]
+        """The entry points, each under ``#ifdef TF_ENTRY_<name>`` (the backend compiles one at a
+        time, the first listed when the kernel is built, the others when a call needs them).
+        Flat kernels index in 32 bits only: the launcher splits a call of 2**31 elements or more
+        into chunks."""
+        names = entry_points(self.argspec)
+        lines = [*self.scalar(), ""]
+        if "vector32" in names:
+            lines += [*self.vector(), ""]
+        for name in names:
+            lines += [*self.entry(name), ""]
         return lines

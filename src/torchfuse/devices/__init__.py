@@ -31,8 +31,8 @@ class Backend(Protocol):
     def compile(self, source: str, device: torch.device) -> bytes:
         """Source to a loadable binary. Raises CompileError."""
 
-    def load(self, binary: bytes, device: torch.device) -> Callable[..., int]:
-        """A binary to ``launch(numel, sizes, strides, tensors) -> error code``."""
+    def load(self, binary: bytes, device: torch.device, source: str) -> Callable[..., int]:
+        """A binary (of ``source``) to ``launch(numel, sizes, strides, tensors) -> error code``."""
 
     def device_key(self, device: torch.device) -> str:
         """The part of an ArgSpec naming the device: kernels are shared between equal keys."""
@@ -43,12 +43,14 @@ class Backend(Protocol):
 _MODULES = {"cpu": "torchfuse.devices.cpu", "cuda": "torchfuse.devices.cuda"}
 _backends: dict[str, Backend | None] = {}
 _enabled: dict[str, bool] = {}
+_keys: dict[torch.device, str | None] = {}  # device_key's memo
 
 
 def register(device_type: str, module: str) -> None:
     """Make ``module`` (which defines ``BACKEND``) the backend of ``device_type``."""
     _MODULES[device_type] = module
     _backends.pop(device_type, None)
+    _keys.clear()
 
 
 def get(device_type: str) -> Backend | None:
@@ -59,6 +61,16 @@ def get(device_type: str) -> Backend | None:
         module = _MODULES.get(device_type)
         _backends[device_type] = importlib.import_module(module).BACKEND if module else None
     return _backends[device_type]
+
+
+def device_key(device: torch.device) -> str | None:
+    """The backend's key of a tensor's device (which names its index), None where no backend
+    runs. Asked on every call, so memoised: ``device.type`` alone costs a string."""
+    key = _keys.get(device, "")
+    if key == "":
+        backend = get(device.type)
+        key = _keys[device] = None if backend is None else backend.device_key(device)
+    return key
 
 
 def why_not(device_type: str) -> str | None:
@@ -76,3 +88,4 @@ def why_not(device_type: str) -> str | None:
 
 def set_enabled(device_type: str, enabled: bool) -> None:
     _enabled[device_type] = bool(enabled)
+    _keys.clear()

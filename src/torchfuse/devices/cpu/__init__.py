@@ -18,7 +18,7 @@ import torch
 
 from ...codegen.c import CRenderer
 from ...config import config
-from .. import CompileError
+from .. import CompileError, launcher
 
 BASE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-fwrapv",
               "-fno-math-errno")
@@ -164,7 +164,7 @@ class CPUBackend:
             with open(os.path.join(work, "kernel.so"), "rb") as f:
                 return f.read()
 
-    def load(self, binary: bytes, device: torch.device) -> Callable[..., int]:
+    def load(self, binary: bytes, device: torch.device, source: str) -> Callable[..., int]:
         # dlopen needs a file; it may go as soon as the library is mapped.
         fd, path = tempfile.mkstemp(suffix=".so", dir=_private_dir())
         try:
@@ -174,13 +174,19 @@ class CPUBackend:
         finally:
             os.unlink(path)
         function = library.tf_kernel
-        function.restype = ctypes.c_int
-        function.argtypes = [ctypes.c_void_p]
+        native = launcher.get()
+        if native is not None:
+            address = ctypes.cast(function, ctypes.c_void_p).value
+            launch = functools.partial(native.cpu, address)
+        else:
+            function.restype = ctypes.c_int
+            function.argtypes = [ctypes.c_void_p]
 
-        def launch(numel: int, sizes: list[int], strides: list[int], tensors: list) -> int:
-            # array.array packs the int64 arguments ~4x faster than a ctypes array does.
-            args = array.array("q", [numel, *sizes, *strides, *[t.data_ptr() for t in tensors]])
-            return function(args.buffer_info()[0])
+            def launch(numel: int, sizes: list[int], strides: list[int], tensors: list) -> int:
+                # array.array packs the int64 arguments ~4x faster than a ctypes array does.
+                args = array.array("q", [numel, *sizes, *strides,
+                                         *[t.data_ptr() for t in tensors]])
+                return function(args.buffer_info()[0])
 
         launch.library = library  # keeps the library mapped while the kernel lives
         return launch

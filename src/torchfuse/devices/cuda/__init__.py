@@ -5,32 +5,39 @@ NVIDIA's ``cuda-core`` and ``cuda-bindings`` (``pip install 'torchfuse[cuda]'``)
 first use, so a machine without them (or without a GPU) imports torchfuse fine, and
 ``can_fuse("cuda")`` is False with the reason.
 
-Each call picks one of the source's two entry points (codegen/cuda.py): for strided kernels,
-32-bit index arithmetic while every element offset stays under 2**31, else 64-bit; for flat ones,
-16-byte vector loads when every pointer is 16-byte aligned, else scalar ones, in launches of at
-most 2**30 elements. The grid is a grid-stride loop of at most as many blocks as the GPU holds at
-once. Kernels whose body can fail (integer division by zero) get a device flag that is read back
-after the launch, which waits for the kernel: only those kernels pay that synchronisation, the
-others return as soon as the launch is queued. (CUDA eager does not raise there, so the fallback
-then gives eager's own values.)
+Each call picks one of the source's entry points (codegen/cuda.py), each compiled when a call
+first needs it: for strided kernels, 32-bit index arithmetic while every element offset stays
+under 2**31, else 64-bit, and 16-byte vector loads where the rows allow them; for flat ones,
+vector loads when every pointer is 16-byte aligned, else scalar ones, in launches of at most
+2**30 elements. Launches go through the native launcher (devices/launch.c: cuLaunchKernel with
+the arguments packed in C) where it is built, else through cuda.core. The grid is a grid-stride
+loop of at most as many blocks as the GPU holds at once. Kernels whose body can fail (integer
+division by zero) get a device flag that is read back after the launch, which waits for the
+kernel: only those kernels pay that synchronisation, the others return as soon as the launch is
+queued. (CUDA eager does not raise there, so the fallback then gives eager's own values.)
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import io
 import os
+import re
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 
+from ... import diskcache
+from ...cache import count
 from ...codegen.cuda import BLOCK, CUDARenderer, vector_width
 from ...config import log
-from .. import CompileError
+from .. import CompileError, launcher
 
 INDEX_LIMIT = 2**31  # 32-bit kernels serve every element offset below this
 CHUNK = 2**30  # elements per launch of a flat kernel beyond INDEX_LIMIT (keeps 16-byte alignment)
@@ -213,11 +220,17 @@ class CUDABackend:
         return key
 
     def compile(self, source: str, device: torch.device) -> bytes:
+        """The source's first entry point (the one most calls take); see ``compile_entry``."""
+        return self.compile_entry(source, device, entry_points(source)[0])
+
+    def compile_entry(self, source: str, device: torch.device, entry: str) -> bytes:
+        """One entry point of the source: NVRTC's time grows with each one compiled."""
         reason = self.unavailable()
         if reason:
             raise CompileError(reason)
         core = _core()
         arch, kind = _arch(_index(device))
+        source = f"#define TF_ENTRY_{entry}\n{source}"
         logs = io.StringIO()
         try:
             program = core.Program(source, "c++", _options(arch)[0])
@@ -230,11 +243,32 @@ class CUDABackend:
         binary = code.code
         return binary.encode() if isinstance(binary, str) else bytes(binary)
 
-    def load(self, binary: bytes, device: torch.device) -> Callable[..., int]:
+    def load(self, binary: bytes, device: torch.device, source: str) -> Callable[..., int]:
         index = _index(device)
         with torch.cuda.device(index):
             _enter(index)
-            return _Launcher(binary, device, index)
+            return _Launcher(self, source, binary, device, index)
+
+
+class _Entry:
+    """The disk cache's view of compiling one more entry point of a source."""
+
+    def __init__(self, backend: CUDABackend, entry: str) -> None:
+        self.backend, self.entry = backend, entry
+
+    def target(self, device: torch.device) -> str:
+        return f"{self.backend.target(device)} | entry {self.entry}"
+
+    def compile(self, source: str, device: torch.device) -> bytes:
+        return self.backend.compile_entry(source, device, self.entry)
+
+
+def entry_points(source: str) -> list[str]:
+    """The entry points a rendered source names (codegen/cuda.py), the first compiled first."""
+    match = re.search(r"^// entry points: (.*)$", source, re.MULTILINE)
+    if match is None:
+        raise CompileError("the source names no entry points")
+    return match.group(1).split()
 
 
 def _index(device: torch.device) -> int:
@@ -249,24 +283,53 @@ def _version() -> str:
 
 
 class _Launcher:
-    """``launch(numel, sizes, strides, tensors) -> error``: picks an entry point, launches it."""
+    """``launch(numel, sizes, strides, tensors) -> error``: picks an entry point, launches it.
 
-    def __init__(self, binary: bytes, device: torch.device, index: int) -> None:
+    The entry points other than the first are compiled (or loaded from disk) when a call first
+    needs one: most kernels only ever run their first.
+    """
+
+    def __init__(self, backend: CUDABackend, source: str, binary: bytes, device: torch.device,
+                 index: int) -> None:
         core = _core()
-        self.code = (core.ObjectCode.from_cubin(binary) if binary.startswith(ELF)
-                     else core.ObjectCode.from_ptx(binary))
-        self.checked = b"tf_checked_" in binary
-        prefix = "tf_checked_" if self.checked else "tf_"
-        self.flat = f"{prefix}vector32".encode() in binary
-        second = "vector32" if self.flat else "scalar64"
-        self.narrow, self.second = (self.code.get_kernel(prefix + name)
-                                    for name in ("scalar32", second))
-        self.device, self.index = device, index
+        self.backend, self.source, self.device, self.index = backend, source, device, index
+        self.entries = entry_points(source)
+        self.flat = self.entries == ["vector32", "scalar32"]
+        self.checked = "tf_checked_" in source
         self.enqueue, self.config_of = core.launch, core.LaunchConfig
+        self.native, self.cu_launch = launcher.get(), _cu_launch_kernel()
+        self.kernels: dict[str, tuple[object, int | None]] = {}  # entry -> (kernel, handle)
+        self.codes: list[object] = []  # keeps every loaded module alive
+        self.lock = threading.Lock()
+        self._add(self.entries[0], binary)
         self.max_blocks = _max_blocks(index)
         self.width = 0  # elements per thread of the vector kernel, from the first call's dtypes
         self.configs: dict[int, object] = {}
         self.failed = False
+
+    def _add(self, entry: str, binary: bytes) -> None:
+        core = _core()
+        code = (core.ObjectCode.from_cubin(binary) if binary.startswith(ELF)
+                else core.ObjectCode.from_ptx(binary))
+        kernel = code.get_kernel(("tf_checked_" if self.checked else "tf_") + entry)
+        self.codes.append(code)
+        self.kernels[entry] = (kernel, _handle(kernel))
+
+    def _kernel(self, entry: str) -> tuple[object, int | None]:
+        found = self.kernels.get(entry)
+        if found is None:
+            with self.lock:
+                if entry not in self.kernels:
+                    start = time.perf_counter()
+                    binary, compiled = diskcache.load_or_compile(
+                        _Entry(self.backend, entry), self.source, self.device)
+                    self._add(entry, binary)
+                    seconds = time.perf_counter() - start
+                    count(**({"compiles": 1, "compile_seconds": seconds} if compiled
+                             else {"disk_hits": 1}))
+                    log(2, f"entry point {entry} ready in {seconds * 1000:.1f} ms")
+                found = self.kernels[entry]
+        return found
 
     def __call__(self, numel: int, sizes: list[int], strides: list[int], tensors: list) -> int:
         if torch.cuda.current_device() != self.index:
@@ -274,48 +337,97 @@ class _Launcher:
                 return self(numel, sizes, strides, tensors)
         _enter(self.index)
         pointers = [t.data_ptr() for t in tensors]
+        if not self.width:
+            self.width = vector_width([t.dtype for t in tensors])
         flag = torch.zeros(1, dtype=torch.int32, device=self.device) if self.checked else None
-        if not self.flat:
-            kernel = self.second if needs_64bit(numel, sizes, strides) else self.narrow
-            ok = self._launch(kernel, numel, numel, sizes, strides, pointers, flag)
-        elif numel < INDEX_LIMIT:
-            ok = self._flat(numel, strides, pointers, flag, tensors)
-        else:  # flat kernels index in 32 bits: one launch per chunk of 2**30 elements
-            ok, sizes_of = True, [t.element_size() for t in tensors]
-            for start in range(0, numel, CHUNK):
-                chunk = [p + start * size for p, size in zip(pointers, sizes_of, strict=True)]
-                ok = self._flat(min(CHUNK, numel - start), strides, chunk, flag, tensors) and ok
+        try:
+            if not self.flat:
+                entry, work = "scalar32", numel
+                if needs_64bit(numel, sizes, strides):
+                    entry = "scalar64"
+                elif "vector32" in self.entries and self._vectors(sizes, strides, pointers):
+                    entry, work = "vector32", numel // self.width
+                ok = self._launch(entry, numel, work, sizes, strides, pointers, flag)
+            elif numel < INDEX_LIMIT:
+                ok = self._flat(numel, strides, pointers, flag)
+            else:  # flat kernels index in 32 bits: one launch per chunk of 2**30 elements
+                ok, sizes_of = True, [t.element_size() for t in tensors]
+                for start in range(0, numel, CHUNK):
+                    chunk = [p + start * size for p, size in zip(pointers, sizes_of, strict=True)]
+                    ok = self._flat(min(CHUNK, numel - start), strides, chunk, flag) and ok
+        except CompileError as error:  # an entry point compiled late failed
+            self._warn(f"torchfuse: a CUDA kernel failed to compile, the fallback runs: {error}")
+            return LAUNCH_FAILED
         if not ok:
             return LAUNCH_FAILED
         return int(flag.item()) if flag is not None else 0  # item() waits for the kernel
 
-    def _flat(self, numel: int, strides: list[int], pointers: list[int], flag, tensors) -> bool:
-        if not aligned(pointers):
-            return self._launch(self.narrow, numel, numel, [numel], strides, pointers, flag)
-        if not self.width:
-            self.width = vector_width([t.dtype for t in tensors])
-        work = -(-numel // self.width)
-        return self._launch(self.second, numel, work, [numel], strides, pointers, flag)
+    def _vectors(self, sizes: list[int], strides: list[int], pointers: list[int]) -> bool:
+        """Whether whole vectors tile every row: the inner size, and each contiguous operand's
+        other strides, are multiples of the vector width, and every pointer is aligned."""
+        rank, width = len(sizes), self.width
+        if sizes[-1] % width:
+            return False
+        for p in range(0, len(strides), rank):
+            if strides[p + rank - 1] == 1 and any(s % width for s in strides[p:p + rank - 1]):
+                return False
+        return aligned(pointers)
 
-    def _launch(self, kernel, numel: int, work: int, sizes, strides, pointers, flag) -> bool:
+    def _flat(self, numel: int, strides: list[int], pointers: list[int], flag) -> bool:
+        if not aligned(pointers):
+            return self._launch("scalar32", numel, numel, [numel], strides, pointers, flag)
+        work = -(-numel // self.width)
+        return self._launch("vector32", numel, work, [numel], strides, pointers, flag)
+
+    def _launch(self, entry: str, numel: int, work: int, sizes, strides, pointers, flag) -> bool:
         """Queue one launch on torch's current stream; False (and a warning once) if it fails."""
+        kernel, handle = self._kernel(entry)
         blocks = min(-(-work // BLOCK), self.max_blocks)
-        config = self.configs.get(blocks)
-        if config is None:
-            config = self.configs[blocks] = self.config_of(grid=blocks, block=BLOCK)
-        args = [numel, *sizes, *dividers(tuple(sizes)), *strides, *pointers]
         if flag is not None:
-            args.append(flag.data_ptr())
+            pointers = [*pointers, flag.data_ptr()]
         try:
-            self.enqueue(_stream(self.index), config, kernel, *args)
+            if self.native is not None and self.cu_launch is not None and handle is not None:
+                stream = _raw_stream(self.index) if _raw_stream else _stream(self.index).handle
+                result = self.native.cuda(self.cu_launch, handle, blocks, BLOCK, int(stream),
+                                          numel, sizes, dividers(tuple(sizes)), strides, pointers)
+                if result:
+                    raise RuntimeError(f"cuLaunchKernel returned CUresult {result}")
+            else:
+                config = self.configs.get(blocks)
+                if config is None:
+                    config = self.configs[blocks] = self.config_of(grid=blocks, block=BLOCK)
+                args = [numel, *sizes, *dividers(tuple(sizes)), *strides, *pointers]
+                self.enqueue(_stream(self.index), config, kernel, *args)
         except Exception as error:  # the fallback still gives eager's result
-            message = f"torchfuse: a CUDA kernel launch failed, the fallback runs instead: {error}"
-            log(1, message)
-            if not self.failed:
-                self.failed = True
-                warnings.warn(message, RuntimeWarning, stacklevel=4)
+            self._warn(f"torchfuse: a CUDA kernel launch failed, the fallback runs: {error}")
             return False
         return True
+
+    def _warn(self, message: str) -> None:
+        log(1, message)
+        if not self.failed:
+            self.failed = True
+            warnings.warn(message, RuntimeWarning, stacklevel=5)
+
+
+@functools.lru_cache(maxsize=1)
+def _cu_launch_kernel() -> int | None:
+    """The address of the driver's cuLaunchKernel, for the native launcher; None if not found."""
+    try:
+        return ctypes.cast(ctypes.CDLL("libcuda.so.1").cuLaunchKernel, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+def _handle(kernel) -> int | None:
+    """The driver handle (CUkernel, which cuLaunchKernel takes since CUDA 12) of a cuda.core
+    kernel; None where this cuda.core does not tell it."""
+    for name in ("handle", "_handle"):
+        try:
+            return int(getattr(kernel, name))
+        except (AttributeError, TypeError, ValueError):
+            continue
+    return None
 
 
 def _failure_report(source: str, arch: str, error: str) -> str:

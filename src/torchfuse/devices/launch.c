@@ -1,0 +1,151 @@
+/* torchfuse's native launcher: the per-call work between Python and a compiled kernel, in C.
+ *
+ * Built at run time by devices/launcher.py (the system C compiler, Python's headers), once per
+ * machine and Python version, and kept in the on-disk cache. Without it the backends pack and
+ * launch in Python; this saves the ctypes call and the argument packing (a few µs per call).
+ *
+ * Both entry points pack one int64 argument block: numel, the ints of each list given, then the
+ * data pointer of each tensor (or the int given in its place).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#define MAX_ARGS 1024
+
+static PyObject *data_ptr_name;
+
+/* Append the ints of a list or tuple; 0 on success, -1 with a Python error set. */
+static int pack_ints(int64_t *buf, Py_ssize_t *pos, PyObject *seq) {
+    PyObject *fast = PySequence_Fast(seq, "expected a list of ints");
+    if (!fast) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    if (*pos + n > MAX_ARGS) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_ValueError, "too many kernel arguments");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t value = PyLong_AsLongLong(items[i]);
+        if (value == -1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        buf[(*pos)++] = value;
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+/* Append the data pointer of each item of a list or tuple: an int is one already, anything else
+ * (a tensor) is asked for its data_ptr(). */
+static int pack_pointers(int64_t *buf, Py_ssize_t *pos, PyObject *seq) {
+    PyObject *fast = PySequence_Fast(seq, "expected a list of tensors");
+    if (!fast) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    if (*pos + n > MAX_ARGS) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_ValueError, "too many kernel arguments");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pointer = PyLong_CheckExact(items[i])
+                                ? Py_NewRef(items[i])
+                                : PyObject_CallMethodNoArgs(items[i], data_ptr_name);
+        if (!pointer) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        buf[(*pos)++] = (int64_t)PyLong_AsUnsignedLongLong(pointer);
+        Py_DECREF(pointer);
+        if (PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+static int as_address(PyObject *value, void **out) {
+    *out = PyLong_AsVoidPtr(value);
+    return *out == NULL && PyErr_Occurred() ? -1 : 0;
+}
+
+typedef int (*cpu_kernel)(const int64_t *);
+
+/* cpu(kernel, numel, sizes, strides, tensors) -> error code of the kernel.
+ * kernel: the address of a generated C kernel, int tf_kernel(const int64_t *args). */
+static PyObject *cpu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int64_t buf[MAX_ARGS];
+    Py_ssize_t pos = 0;
+    void *kernel;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "cpu(kernel, numel, sizes, strides, tensors)");
+        return NULL;
+    }
+    if (as_address(args[0], &kernel) < 0) return NULL;
+    buf[pos++] = PyLong_AsLongLong(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    if (pack_ints(buf, &pos, args[2]) < 0 || pack_ints(buf, &pos, args[3]) < 0 ||
+        pack_pointers(buf, &pos, args[4]) < 0)
+        return NULL;
+    int error;
+    Py_BEGIN_ALLOW_THREADS
+    error = ((cpu_kernel)kernel)(buf);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(error);
+}
+
+/* cuLaunchKernel's signature, declared here so that no CUDA header is needed. */
+typedef int (*cu_launch_kernel)(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                                unsigned by, unsigned bz, unsigned shared, void *stream,
+                                void **params, void **extra);
+
+/* cuda(cuLaunchKernel, function, grid, block, stream, numel, sizes, dividers, strides, tensors)
+ * -> CUresult. Every kernel parameter is one value of the int64 block: the driver copies each
+ * parameter's own size from its slot, so 32-bit parameters get the low half (little endian). */
+static PyObject *cuda(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int64_t buf[MAX_ARGS];
+    void *params[MAX_ARGS];
+    Py_ssize_t pos = 0;
+    void *launch, *function, *stream;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "cuda(cuLaunchKernel, function, grid, block, stream, "
+                                         "numel, sizes, dividers, strides, tensors)");
+        return NULL;
+    }
+    if (as_address(args[0], &launch) < 0 || as_address(args[1], &function) < 0) return NULL;
+    unsigned long grid = PyLong_AsUnsignedLong(args[2]);
+    unsigned long block = PyLong_AsUnsignedLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    stream = PyLong_AsVoidPtr(args[4]);
+    buf[pos++] = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred()) return NULL;
+    if (pack_ints(buf, &pos, args[6]) < 0 || pack_ints(buf, &pos, args[7]) < 0 ||
+        pack_ints(buf, &pos, args[8]) < 0 || pack_pointers(buf, &pos, args[9]) < 0)
+        return NULL;
+    for (Py_ssize_t i = 0; i < pos; i++) params[i] = &buf[i];
+    int result;
+    Py_BEGIN_ALLOW_THREADS
+    result = ((cu_launch_kernel)launch)(function, (unsigned)grid, 1, 1, (unsigned)block, 1, 1, 0,
+                                        stream, params, NULL);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(result);
+}
+
+static PyMethodDef methods[] = {
+    {"cpu", (PyCFunction)(void (*)(void))cpu, METH_FASTCALL, "Call a generated C kernel."},
+    {"cuda", (PyCFunction)(void (*)(void))cuda, METH_FASTCALL, "Launch a CUDA kernel."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "torchfuse_launch", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit_torchfuse_launch(void) {
+    data_ptr_name = PyUnicode_InternFromString("data_ptr");
+    if (!data_ptr_name) return NULL;
+    return PyModule_Create(&module);
+}
