@@ -607,6 +607,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     options = parser.parse_args(argv)
     device = torch.device(options.device)
+    if device.type == "cuda":
+        # NVRTC keeps machine code in CUDA's compute cache (~/.nv/ComputeCache), keyed by the
+        # PTX: a kernel compiled by an earlier run would load from there, not compile cold.
+        os.environ["CUDA_CACHE_DISABLE"] = "1"
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU here")
     result = run(device, plan_for(device, options.quick), options.only)

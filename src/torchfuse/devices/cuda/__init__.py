@@ -44,6 +44,7 @@ CHUNK = 2**30  # elements per launch of a flat kernel beyond INDEX_LIMIT (keeps 
 LAUNCH_FAILED = 2  # error code: the executor runs the fallback
 RESIDENT_BLOCKS = 2048 // BLOCK  # blocks per multiprocessor at full occupancy
 ELF = b"\x7fELF"
+LAYOUTS_MAX = 4096  # memoised entry choices per kernel, cleared when full
 
 
 @functools.lru_cache(maxsize=1)
@@ -305,6 +306,7 @@ class _Launcher:
         self.max_blocks = _max_blocks(index)
         self.width = 0  # elements per thread of the vector kernel, from the first call's dtypes
         self.configs: dict[int, object] = {}
+        self.layouts: dict[tuple[int, ...], str] = {}  # sizes and strides -> entry point
         self.failed = False
 
     def _add(self, entry: str, binary: bytes) -> None:
@@ -342,11 +344,15 @@ class _Launcher:
         flag = torch.zeros(1, dtype=torch.int32, device=self.device) if self.checked else None
         try:
             if not self.flat:
-                entry, work = "scalar32", numel
-                if needs_64bit(numel, sizes, strides):
-                    entry = "scalar64"
-                elif "vector32" in self.entries and self._vectors(sizes, strides, pointers):
-                    entry, work = "vector32", numel // self.width
+                layout = (*sizes, *strides)
+                entry = self.layouts.get(layout)
+                if entry is None:
+                    if len(self.layouts) >= LAYOUTS_MAX:
+                        self.layouts.clear()
+                    entry = self.layouts[layout] = self._entry(numel, sizes, strides)
+                if entry == "vector32" and not aligned(pointers):
+                    entry = "scalar32"
+                work = numel // self.width if entry == "vector32" else numel
                 ok = self._launch(entry, numel, work, sizes, strides, pointers, flag)
             elif numel < INDEX_LIMIT:
                 ok = self._flat(numel, strides, pointers, flag)
@@ -362,16 +368,20 @@ class _Launcher:
             return LAUNCH_FAILED
         return int(flag.item()) if flag is not None else 0  # item() waits for the kernel
 
-    def _vectors(self, sizes: list[int], strides: list[int], pointers: list[int]) -> bool:
-        """Whether whole vectors tile every row: the inner size, and each contiguous operand's
-        other strides, are multiples of the vector width, and every pointer is aligned."""
+    def _entry(self, numel: int, sizes: list[int], strides: list[int]) -> str:
+        """A strided kernel's entry point for this layout (memoised per layout: the executor's
+        plans repeat), before the pointers' alignment is known. Vectors need whole vectors to
+        tile every row: the inner size, and each contiguous operand's other strides, multiples
+        of the vector width."""
+        if needs_64bit(numel, sizes, strides):
+            return "scalar64"
         rank, width = len(sizes), self.width
-        if sizes[-1] % width:
-            return False
+        if "vector32" not in self.entries or sizes[-1] % width:
+            return "scalar32"
         for p in range(0, len(strides), rank):
             if strides[p + rank - 1] == 1 and any(s % width for s in strides[p:p + rank - 1]):
-                return False
-        return aligned(pointers)
+                return "scalar32"
+        return "vector32"
 
     def _flat(self, numel: int, strides: list[int], pointers: list[int], flag) -> bool:
         if not aligned(pointers):
