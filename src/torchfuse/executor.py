@@ -177,8 +177,8 @@ _PLANS_MAX = 4096
 
 
 def _general_plan(spec, inputs, device, device_key, dtypes) -> tuple:
-    shapes = tuple(t.shape for t in inputs)
-    strides = tuple(t.stride() for t in inputs)
+    shapes = tuple([t.shape for t in inputs])
+    strides = tuple([t.stride() for t in inputs])
     memo = (spec.key, device_key, dtypes, shapes, strides)
     found = _PLANS.get(memo)
     if found is None:

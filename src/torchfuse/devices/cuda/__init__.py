@@ -129,6 +129,7 @@ def _unavailable() -> str | None:
 # ---- streams and contexts --------------------------------------------------------------------
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 _streams: dict[tuple[int, int], object] = {}
 _threads = threading.local()
 
@@ -334,7 +335,7 @@ class _Launcher:
         return found
 
     def __call__(self, numel: int, sizes: list[int], strides: list[int], tensors: list) -> int:
-        if torch.cuda.current_device() != self.index:
+        if _current_device() != self.index:  # CUDA is initialised: a kernel was loaded
             with torch.cuda.device(self.index):
                 return self(numel, sizes, strides, tensors)
         _enter(self.index)
@@ -397,9 +398,10 @@ class _Launcher:
             pointers = [*pointers, flag.data_ptr()]
         try:
             if self.native is not None and self.cu_launch is not None and handle is not None:
-                stream = _raw_stream(self.index) if _raw_stream else _stream(self.index).handle
-                result = self.native.cuda(self.cu_launch, handle, blocks, BLOCK, int(stream),
-                                          numel, sizes, dividers(tuple(sizes)), strides, pointers)
+                stream = _raw_stream(self.index) if _raw_stream else int(_stream(self.index).handle)
+                magic = dividers(tuple(sizes)) if len(sizes) > 1 else ()
+                result = self.native.cuda(self.cu_launch, handle, blocks, BLOCK, stream,
+                                          numel, sizes, magic, strides, pointers)
                 if result:
                     raise RuntimeError(f"cuLaunchKernel returned CUresult {result}")
             else:
