@@ -43,12 +43,8 @@ def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
         STATS.hits += 1  # racy but cheap: statistics, not correctness
     if kernel.launch is None:
         return _fallback(spec, inputs, kernel.reason)
-    first = inputs[0]
-    outputs = [
-        torch.empty_like(first, dtype=dtype) if stride is None  # the fastest allocation
-        else torch.empty_strided(shape, stride, dtype=dtype, device=device)
-        for (shape, stride), dtype in zip(outs, kernel.out_dtypes)
-    ]
+    empty = devices.allocator(device)
+    outputs = [empty(shape, st, dtype) for (shape, st), dtype in zip(outs, kernel.out_dtypes)]
     if numel:
         error = kernel.launch(numel, sizes, strides, [*inputs, *outputs])
         if error:
@@ -75,8 +71,7 @@ def bind(spec: KernelSpec, examples: Sequence) -> Callable[..., tuple] | None:
         return None
     shapes = [tuple(t.shape) for t in examples]
     layouts = [t.stride() for t in examples]
-    # empty_strided parses its arguments faster than empty does
-    out_layouts = [(tuple(s), tuple(st or _contiguous_strides(s))) for s, st in outs]
+    empty = devices.allocator(device)
 
     def fusion(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kernel = spec.kernels.get(key)
@@ -84,8 +79,7 @@ def bind(spec: KernelSpec, examples: Sequence) -> Callable[..., tuple] | None:
                 or [t.stride() for t in inputs] != layouts or [t.shape for t in inputs] != shapes):
             return run(spec, inputs)
         STATS.hits += 1
-        outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
-                   for (shape, stride), dtype in zip(out_layouts, kernel.out_dtypes, strict=True)]
+        outputs = [empty(shape, st, dtype) for (shape, st), dtype in zip(outs, kernel.out_dtypes)]
         if numel and kernel.launch(numel, sizes, strides, [*inputs, *outputs]):
             return run(spec, inputs)  # the kernel refused (division by zero): eager's error
         return tuple(outputs)
@@ -100,8 +94,7 @@ def _static(t: torch.Tensor) -> bool:
 
 
 def plan(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple:
-    """(argspec key, device, numel, sizes, strides, outputs' (shape, strides)); an output's
-    strides are None where it takes the first input's (contiguous) layout.
+    """(argspec key, device, numel, sizes, strides, outputs' (shape, strides) as tuples).
 
     Raises:
         NoKernel: the call must run through the fallback.
@@ -133,7 +126,7 @@ def plan(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple:
         strides = _UNIT_STRIDES.get((len(inputs), n_out))
         if strides is None:
             strides = _UNIT_STRIDES[len(inputs), n_out] = [1] * (len(inputs) + n_out)
-        outs = [(shape, None)] * n_out  # contiguous, like the inputs
+        outs = [(tuple(shape), first.stride())] * n_out  # contiguous, like the inputs
         return (device_key, dtypes, None), device, numel, [numel], strides, outs
     return _general_plan(spec, inputs, device, device_key, dtypes)
 

@@ -70,8 +70,11 @@ TF_FN uint32_t tf_divide(uint32_t n, uint32_t d, uint32_t magic, uint32_t shift)
 }
 TF_FN uint64_t tf_divide(uint64_t n, uint64_t d, uint32_t magic, uint32_t shift) { return n / d; }
 #if __CUDA_ARCH__ >= 800  /* one instruction instead of the portable bit arithmetic */
+/* The packed form: the scalar cvt.rn.bf16.f32 runs on the slow conversion unit (F2F.BF16),
+   the packed one on the ALU pipe (F2FP.BF16.PACK_AB), like float16's; same rounding. */
 TF_FN uint16_t tf_f2bf_native(float f) {
-  uint16_t h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+  uint32_t h; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(h) : "f"(0.0f), "f"(f));
+  return (uint16_t)h;
 }
 #define TF_F2BF_NATIVE tf_f2bf_native
 #endif

@@ -37,6 +37,9 @@ class Backend(Protocol):
     def device_key(self, device: torch.device) -> str:
         """The part of an ArgSpec naming the device: kernels are shared between equal keys."""
 
+    def allocator(self, device: torch.device) -> Callable[..., torch.Tensor]:
+        """The fastest ``empty(shape: tuple, strides: tuple, dtype)`` for outputs on device."""
+
 
 # device type -> module path of its backend; imported on first use so that a missing optional
 # dependency (the CUDA bindings) costs nothing until a tensor of that device type shows up.
@@ -44,6 +47,7 @@ _MODULES = {"cpu": "torchfuse.devices.cpu", "cuda": "torchfuse.devices.cuda"}
 _backends: dict[str, Backend | None] = {}
 _enabled: dict[str, bool] = {}
 _keys: dict[torch.device, str | None] = {}  # device_key's memo
+_allocators: dict[torch.device, Callable[..., torch.Tensor]] = {}
 
 
 def register(device_type: str, module: str) -> None:
@@ -71,6 +75,15 @@ def device_key(device: torch.device) -> str | None:
         backend = get(device.type)
         key = _keys[device] = None if backend is None else backend.device_key(device)
     return key
+
+
+def allocator(device: torch.device) -> Callable[..., torch.Tensor]:
+    """The backend's ``empty(shape, strides, dtype)`` for a device that has a backend (memoised:
+    asked on every call)."""
+    empty = _allocators.get(device)
+    if empty is None:
+        empty = _allocators[device] = get(device.type).allocator(device)
+    return empty
 
 
 def why_not(device_type: str) -> str | None:

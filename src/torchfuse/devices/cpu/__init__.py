@@ -148,6 +148,13 @@ class CPUBackend:
     def device_key(self, device: torch.device) -> str:
         return "cpu"
 
+    def allocator(self, device: torch.device) -> Callable[..., torch.Tensor]:
+        # What Inductor's CPU wrappers allocate with: half the cost of torch.empty_strided.
+        fast = getattr(getattr(torch._C, "_dynamo", None), "guards", None)
+        fast = getattr(fast, "_empty_strided_cpu", None)
+        return fast or (lambda shape, strides, dtype: torch.empty_strided(shape, strides,
+                                                                            dtype=dtype))
+
     def compile(self, source: str, device: torch.device) -> bytes:
         reason = self.unavailable()
         if reason:

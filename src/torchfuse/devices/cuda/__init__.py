@@ -221,6 +221,10 @@ class CUDABackend:
             key = self._keys[device.index] = f"cuda:{device.index}"
         return key
 
+    def allocator(self, device: torch.device) -> Callable[..., torch.Tensor]:
+        return lambda shape, strides, dtype: torch.empty_strided(shape, strides, dtype=dtype,
+                                                                 device=device)
+
     def compile(self, source: str, device: torch.device) -> bytes:
         """The source's first entry point (the one most calls take); see ``compile_entry``."""
         return self.compile_entry(source, device, entry_points(source)[0])
