@@ -222,8 +222,16 @@ class CUDABackend:
         return key
 
     def allocator(self, device: torch.device) -> Callable[..., torch.Tensor]:
-        return lambda shape, strides, dtype: torch.empty_strided(shape, strides, dtype=dtype,
-                                                                 device=device)
+        index = _index(device)
+        fast = getattr(getattr(torch._C, "_dynamo", None), "guards", None)
+        fast = getattr(fast, "_empty_strided_cuda", None)  # Inductor's: on the current GPU
+
+        def empty(shape: tuple, strides: tuple, dtype: torch.dtype) -> torch.Tensor:
+            if fast is not None and _current_device() == index:
+                return fast(shape, strides, dtype)
+            return torch.empty_strided(shape, strides, dtype=dtype, device=device)
+
+        return empty
 
     def compile(self, source: str, device: torch.device) -> bytes:
         """The source's first entry point (the one most calls take); see ``compile_entry``."""
