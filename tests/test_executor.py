@@ -131,3 +131,7 @@ def test_native_launcher_builds_here():
         native.cpu(0, 1, [], [])  # wrong arity: an error, not a crash
     with pytest.raises(ValueError, match="too many"):
         native.cpu(0, 1, [0] * 2000, [], [])
+    with pytest.raises(AttributeError):  # neither a tensor nor an int: before any call
+        native.cpu(0, 1, [], [], [object()])
+    with pytest.raises(TypeError):
+        native.cpu(0, 1, ["1"], [], [])

@@ -15,58 +15,32 @@
 
 static PyObject *data_ptr_name;
 
-/* Append the ints of a list or tuple; 0 on success, -1 with a Python error set. */
-static int pack_ints(int64_t *buf, Py_ssize_t *pos, PyObject *seq) {
-    PyObject *fast = PySequence_Fast(seq, "expected a list of ints");
+/* Append the values of a list or tuple; 0 on success, -1 with a Python error set. Each is an
+ * int, or, where ``pointers`` is set, may be a tensor: then its data_ptr() is appended. */
+static int pack(int64_t *buf, Py_ssize_t *pos, PyObject *seq, int pointers) {
+    PyObject *fast = PySequence_Fast(seq, "expected a list of ints or tensors");
     if (!fast) return -1;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
     PyObject **items = PySequence_Fast_ITEMS(fast);
+    int status = 0;
     if (*pos + n > MAX_ARGS) {
-        Py_DECREF(fast);
         PyErr_SetString(PyExc_ValueError, "too many kernel arguments");
-        return -1;
+        status = -1;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t value = PyLong_AsLongLong(items[i]);
-        if (value == -1 && PyErr_Occurred()) {
-            Py_DECREF(fast);
-            return -1;
+    for (Py_ssize_t i = 0; i < n && status == 0; i++) {
+        PyObject *value = pointers && !PyLong_CheckExact(items[i])
+                              ? PyObject_CallMethodNoArgs(items[i], data_ptr_name)
+                              : Py_NewRef(items[i]);
+        if (!value) {
+            status = -1;
+            break;
         }
-        buf[(*pos)++] = value;
+        buf[(*pos)++] = PyLong_AsLongLong(value);
+        Py_DECREF(value);
+        if (PyErr_Occurred()) status = -1;
     }
     Py_DECREF(fast);
-    return 0;
-}
-
-/* Append the data pointer of each item of a list or tuple: an int is one already, anything else
- * (a tensor) is asked for its data_ptr(). */
-static int pack_pointers(int64_t *buf, Py_ssize_t *pos, PyObject *seq) {
-    PyObject *fast = PySequence_Fast(seq, "expected a list of tensors");
-    if (!fast) return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-    PyObject **items = PySequence_Fast_ITEMS(fast);
-    if (*pos + n > MAX_ARGS) {
-        Py_DECREF(fast);
-        PyErr_SetString(PyExc_ValueError, "too many kernel arguments");
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *pointer = PyLong_CheckExact(items[i])
-                                ? Py_NewRef(items[i])
-                                : PyObject_CallMethodNoArgs(items[i], data_ptr_name);
-        if (!pointer) {
-            Py_DECREF(fast);
-            return -1;
-        }
-        buf[(*pos)++] = (int64_t)PyLong_AsUnsignedLongLong(pointer);
-        Py_DECREF(pointer);
-        if (PyErr_Occurred()) {
-            Py_DECREF(fast);
-            return -1;
-        }
-    }
-    Py_DECREF(fast);
-    return 0;
+    return status;
 }
 
 static int as_address(PyObject *value, void **out) {
@@ -89,8 +63,8 @@ static PyObject *cpu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (as_address(args[0], &kernel) < 0) return NULL;
     buf[pos++] = PyLong_AsLongLong(args[1]);
     if (PyErr_Occurred()) return NULL;
-    if (pack_ints(buf, &pos, args[2]) < 0 || pack_ints(buf, &pos, args[3]) < 0 ||
-        pack_pointers(buf, &pos, args[4]) < 0)
+    if (pack(buf, &pos, args[2], 0) < 0 || pack(buf, &pos, args[3], 0) < 0 ||
+        pack(buf, &pos, args[4], 1) < 0)
         return NULL;
     int error;
     Py_BEGIN_ALLOW_THREADS
@@ -124,8 +98,8 @@ static PyObject *cuda(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     stream = PyLong_AsVoidPtr(args[4]);
     buf[pos++] = PyLong_AsLongLong(args[5]);
     if (PyErr_Occurred()) return NULL;
-    if (pack_ints(buf, &pos, args[6]) < 0 || pack_ints(buf, &pos, args[7]) < 0 ||
-        pack_ints(buf, &pos, args[8]) < 0 || pack_pointers(buf, &pos, args[9]) < 0)
+    if (pack(buf, &pos, args[6], 0) < 0 || pack(buf, &pos, args[7], 0) < 0 ||
+        pack(buf, &pos, args[8], 0) < 0 || pack(buf, &pos, args[9], 1) < 0)
         return NULL;
     for (Py_ssize_t i = 0; i < pos; i++) params[i] = &buf[i];
     int result;
