@@ -54,12 +54,22 @@ def _source(fn, *inputs) -> str:
 
 
 def _fused(fn, *inputs):
-    """``fn``'s graph registered once; a callable running it through run_fusion.
+    """``fn``'s graph registered once; a callable running it through run_fusion, which waits
+    for each kernel's background build after the call that built it (so calls after the first
+    see every entry point there is).
 
     Pass distinct tensors: make_fx gives one tensor passed twice a single placeholder's uses.
     """
     key = torchfuse.register_fusion(trace(fn, *inputs))
-    return lambda *args: torchfuse.run_fusion(key, *args)
+
+    def run(*args):
+        result = torchfuse.run_fusion(key, *args)
+        for kernel in SPECS[key].kernels.values():
+            if kernel.launch is not None and hasattr(kernel.launch, "wait"):
+                kernel.launch.wait()
+        return result
+
+    return run
 
 
 # ---- no GPU needed ---------------------------------------------------------------------------
@@ -91,7 +101,7 @@ def test_strided_source_has_32_and_64_bit_entries():
 def test_rows_with_a_broadcast_bias_get_a_vector_entry_first():
     x = torch.randn(10, 100)
     source = _source(lambda a, b, c: a + b * c, x, x[0], x[:, :1])  # row bias, column scale
-    assert "// entry points: vector32 scalar32 scalar64" in source
+    assert "// entry points: scalar32 vector32 scalar64" in source
     assert "#ifdef TF_ENTRY_vector32" in source
     assert "*(const uint4*)(in1 + o1)" in source  # the row bias: vector loads
     assert "const float s = in2[o2];" in source  # the column scale: one load per vector
@@ -260,6 +270,7 @@ def test_vector_path_and_its_tail(cuda_fusion, launches, n):
     other = make_input((n + 8,), torch.float32, "cuda")
     fn = lambda a, b: (a * b > 0.25, a + 1)  # noqa: E731
     fused = _fused(fn, base[:n], other[:n])
+    fused(base[:n], other[:n])  # builds the kernel, and waits for its vector entry
     assert_same(fused(base[:n], other[:n]), fn(base[:n], other[:n]))
     assert launches[-1] == "vector32"
     # one element in: 2 or 4 bytes off, so no 16-byte loads
@@ -277,6 +288,7 @@ def test_row_vectors_where_rows_allow_them(cuda_fusion, launches, cols):
     fn = lambda a, b: (torch.sigmoid(a + b) * 2, b * 3)  # noqa: E731
     torchfuse.clear_cache()
     fused = _fused(fn, x, bias)
+    assert_same(fused(x, bias), fn(x, bias))  # builds, then waits for the vector entry
     assert_same(fused(x, bias), fn(x, bias))
     assert launches[-1] == ("vector32" if cols == 64 else "scalar32")
     wide = make_input((33, 2 * cols + 4), torch.float32, "cuda")
@@ -288,15 +300,23 @@ def test_row_vectors_where_rows_allow_them(cuda_fusion, launches, cols):
 
 
 @gpu
-def test_entry_points_compile_when_first_needed(cuda_fusion):
+def test_vector_entry_builds_in_the_background(cuda_fusion, launches):
+    """The first call runs as soon as the scalar entry is compiled; the vector entry follows on
+    a thread, and calls take it once it is there."""
     x = make_input((1000,), torch.float32, "cuda")
+    fn = lambda a: a * 3.25 + 0.125  # noqa: E731
     torchfuse.clear_cache()
-    key = torchfuse.register_fusion(trace(lambda a: a * 2, x))
-    torchfuse.run_fusion(key, x)
-    (kernel,) = SPECS[key].kernels.values()
-    assert list(kernel.launch.kernels) == ["vector32"]
-    assert_same(torchfuse.run_fusion(key, x[1:])[0], x[1:] * 2)
-    assert list(kernel.launch.kernels) == ["vector32", "scalar32"]
+    with override(cache=False):  # nothing from disk: the vector entry takes a real compile
+        key = torchfuse.register_fusion(trace(fn, x))
+        assert_same(torchfuse.run_fusion(key, x)[0], fn(x))
+        (kernel,) = SPECS[key].kernels.values()
+        assert launches == ["scalar32"]
+        kernel.launch.wait()
+        assert sorted(kernel.launch.kernels) == ["scalar32", "vector32"]
+        assert_same(torchfuse.run_fusion(key, x)[0], fn(x))
+        assert launches[-1] == "vector32"
+        assert_same(torchfuse.run_fusion(key, x[1:])[0], fn(x[1:]))  # unaligned
+        assert launches[-1] == "scalar32"
 
 
 @gpu
@@ -326,6 +346,8 @@ def test_flat_calls_past_2_31_elements_run_in_chunks(cuda_fusion, launches):
     x = torch.ones(n, dtype=torch.uint8, device="cuda")
     x[-1], x[2**30] = 7, 9
     fused = _fused(lambda a: a * 2 + 1, x)
+    fused(x)  # builds the kernel, and waits for its vector entry
+    launches.clear()
     out = fused(x)[0]
     assert launches == ["vector32"] * 3  # 2**30, 2**30 and 37 elements
     assert torch.equal(out, x * 2 + 1)
@@ -406,10 +428,12 @@ def test_disk_cache_serves_cuda_kernels(cuda_fusion, tmp_path):
     with override(cache=True, cache_dir=str(tmp_path)):
         torchfuse.clear_cache()
         assert_same(fused(x)[0], fn(x))
-        assert torchfuse.cache_info()["compiles"] == 1
-        torchfuse.clear_cache()  # memory only: the next call loads the cubin from disk
+        info = torchfuse.cache_info()
+        assert info["compiles"] == 1 and info["background_compiles"] == 1  # scalar, vector
+        torchfuse.clear_cache()  # memory only: the next call loads both cubins from disk
         assert_same(fused(x)[0], fn(x))
-        assert torchfuse.cache_info()["disk_hits"] == 1
+        info = torchfuse.cache_info()
+        assert info["disk_hits"] == 2 and info["compiles"] == info["background_compiles"] == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

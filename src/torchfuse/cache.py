@@ -23,6 +23,8 @@ class Stats:
     misses: int = 0  # kernel had to be built (compiled, loaded from disk, or refused)
     fallbacks: int = 0  # calls that ran through the fallback
     disk_hits: int = 0  # kernels loaded from the on-disk cache instead of compiled
+    background_compiles: int = 0  # compiled on a thread while the kernel already runs (CUDA's
+    background_seconds: float = 0.0  # vector entry points), not on any caller's path
 
     def reset(self) -> None:
         for field in dataclasses.fields(self):
@@ -78,6 +80,13 @@ class KernelStore:
 
     def values(self) -> list[Kernel]:
         return list(self._kernels.values())
+
+    def settle(self) -> None:
+        """Wait for the kernels' background builds (see devices/cuda), where they have any."""
+        for kernel in self.values():
+            wait = getattr(kernel.launch, "wait", None)
+            if wait is not None:
+                wait()
 
     def clear(self) -> None:
         with self._lock:

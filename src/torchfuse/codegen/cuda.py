@@ -6,16 +6,17 @@ Operands follow codegen/c.py: inputs, then outputs; sizes, then per-operand stri
     (int64 n, int64 size[R], int64 stride[K][R], pointer[K] [, int* error])
 
 A source holds up to three entry points over the same element body, each a grid-stride loop
-under ``#ifdef TF_ENTRY_<name>``; the backend compiles one at a time (the first listed when the
-kernel is built, another when a call first needs it) and the launcher picks one per call
-(devices/cuda). ``scalar32`` and ``scalar64``: one element per thread, 32- or 64-bit index
-arithmetic (turning an index into offsets is far cheaper in 32 bits). ``vector32``: each thread
-moves up to 16 bytes of every operand in one load or store, which needs aligned pointers; flat
-kernels (rank 1, every operand contiguous) have it and ``scalar32``, and index in 32 bits only
-(the launcher splits a call of 2**31 elements or more into chunks); strided kernels whose
-operands are all contiguous or broadcast along the inner dimension (a bias added to rows, a
-chunk of a wider tensor) have all three. Names start with ``tf_``, or ``tf_checked_`` when the
-body can fail (integer division by zero): those take an error flag as last parameter.
+under ``#ifdef TF_ENTRY_<name>``; the backend compiles one at a time (``scalar32`` when the
+kernel is built, ``vector32`` right after on a background thread, ``scalar64`` when a call first
+needs it) and the launcher picks one per call (devices/cuda). ``scalar32`` and ``scalar64``:
+one element per thread, 32- or 64-bit index arithmetic (turning an index into offsets is far
+cheaper in 32 bits). ``vector32``: each thread moves up to 16 bytes of every operand in one load
+or store, which needs aligned pointers; flat kernels (rank 1, every operand contiguous) have it
+and ``scalar32``, and index in 32 bits only (the launcher splits a call of 2**31 elements or more
+into chunks); strided kernels whose operands are all contiguous or broadcast along the inner
+dimension (a bias added to rows, a chunk of a wider tensor) have all three. Names start with
+``tf_``, or ``tf_checked_`` when the body can fail (integer division by zero): those take an
+error flag as last parameter.
 """
 
 from __future__ import annotations
@@ -101,12 +102,13 @@ def vector_width(dtypes) -> int:
 
 
 def entry_points(argspec: ArgSpec) -> list[str]:
-    """The entry points a kernel for ``argspec`` has, the one most calls take first."""
+    """The entry points a kernel for ``argspec`` has; the first, compiled with the kernel, serves
+    every call below 2**31 elements and offsets, and is the quickest to compile."""
     vectorisable = (all(d.inner in (CONTIG, BROADCAST) for d in argspec.inputs)
                     and all(inner == CONTIG for inner, _ in argspec.outputs))
     if is_flat(argspec):
-        return ["vector32", "scalar32"]
-    return ["vector32", "scalar32", "scalar64"] if vectorisable else ["scalar32", "scalar64"]
+        return ["scalar32", "vector32"]
+    return ["scalar32", "vector32", "scalar64"] if vectorisable else ["scalar32", "scalar64"]
 
 
 def is_flat(argspec: ArgSpec) -> bool:
@@ -323,7 +325,7 @@ class _Kernel:
 
     def lines(self) -> list[str]:
         """The entry points, each under ``#ifdef TF_ENTRY_<name>`` (the backend compiles one at a
-        time, the first listed when the kernel is built, the others when a call needs them).
+        time: see the module's docstring).
         Flat kernels index in 32 bits only: the launcher splits a call of 2**31 elements or more
         into chunks."""
         names = entry_points(self.argspec)

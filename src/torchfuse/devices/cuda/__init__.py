@@ -5,16 +5,17 @@ NVIDIA's ``cuda-core`` and ``cuda-bindings`` (``pip install 'torchfuse[cuda]'``)
 first use, so a machine without them (or without a GPU) imports torchfuse fine, and
 ``can_fuse("cuda")`` is False with the reason.
 
-Each call picks one of the source's entry points (codegen/cuda.py), each compiled when a call
-first needs it: for strided kernels, 32-bit index arithmetic while every element offset stays
-under 2**31, else 64-bit, and 16-byte vector loads where the rows allow them; for flat ones,
-vector loads when every pointer is 16-byte aligned, else scalar ones, in launches of at most
-2**30 elements. Launches go through the native launcher (devices/launch.c: cuLaunchKernel with
-the arguments packed in C) where it is built, else through cuda.core. The grid is a grid-stride
-loop of at most as many blocks as the GPU holds at once. Kernels whose body can fail (integer
-division by zero) get a device flag that is read back after the launch, which waits for the
-kernel: only those kernels pay that synchronisation, the others return as soon as the launch is
-queued. (CUDA eager does not raise there, so the fallback then gives eager's own values.)
+Each call picks one of the source's entry points (codegen/cuda.py): 16-byte vector loads where
+every pointer is aligned and (strided kernels) whole vectors tile the rows, else one element per
+thread; 32-bit index arithmetic while every element offset stays under 2**31, else 64-bit (flat
+kernels instead launch chunks of 2**30 elements). A kernel is ready to run once its scalar entry
+is compiled; the vector entry, several times slower to compile, follows on a background thread.
+Launches go through the native launcher (devices/launch.c: cuLaunchKernel with the arguments
+packed in C) where it is built, else through cuda.core. The grid is a grid-stride loop of at
+most as many blocks as the GPU holds at once. Kernels whose body can fail (integer division by
+zero) get a device flag that is read back after the launch, which waits for the kernel: only
+those kernels pay that synchronisation, the others return as soon as the launch is queued.
+(CUDA eager does not raise there, so the fallback then gives eager's own values.)
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ class CUDABackend:
         return empty
 
     def compile(self, source: str, device: torch.device) -> bytes:
-        """The source's first entry point (the one most calls take); see ``compile_entry``."""
+        """The source's first entry point, which serves every call below 2**31 elements."""
         return self.compile_entry(source, device, entry_points(source)[0])
 
     def compile_entry(self, source: str, device: torch.device, entry: str) -> bytes:
@@ -299,8 +300,10 @@ def _version() -> str:
 class _Launcher:
     """``launch(numel, sizes, strides, tensors) -> error``: picks an entry point, launches it.
 
-    The entry points other than the first are compiled (or loaded from disk) when a call first
-    needs one: most kernels only ever run their first.
+    The build compiled the source's first entry, ``scalar32``, which serves any call below 2**31
+    elements and offsets; its vector entry, several times slower to compile, is compiled (or
+    loaded from disk) on a background thread meanwhile (NVRTC releases the GIL), and calls use it
+    once it is there. ``scalar64`` is compiled when a call first needs it.
     """
 
     def __init__(self, backend: CUDABackend, source: str, binary: bytes, device: torch.device,
@@ -308,7 +311,7 @@ class _Launcher:
         core = _core()
         self.backend, self.source, self.device, self.index = backend, source, device, index
         self.entries = entry_points(source)
-        self.flat = self.entries == ["vector32", "scalar32"]
+        self.flat = self.entries == ["scalar32", "vector32"]
         self.checked = "tf_checked_" in source
         self.enqueue, self.config_of = core.launch, core.LaunchConfig
         self.native, self.cu_launch = launcher.get(), _cu_launch_kernel()
@@ -321,6 +324,24 @@ class _Launcher:
         self.configs: dict[int, object] = {}
         self.layouts: dict[tuple[int, ...], str] = {}  # sizes and strides -> entry point
         self.failed = False
+        self.background = None
+        if "vector32" in self.entries:
+            self.background = threading.Thread(target=self._build_vector, daemon=True,
+                                               name="torchfuse-nvrtc")
+            self.background.start()
+
+    def wait(self) -> None:
+        """Until the vector entry point is ready (or failed): for tests and benchmarks."""
+        if self.background is not None:
+            self.background.join()
+
+    def _build_vector(self) -> None:
+        try:
+            with torch.cuda.device(self.index):
+                _enter(self.index)
+                self._kernel("vector32", background=True)
+        except Exception as error:  # the scalar entry keeps serving every call
+            self._warn(f"torchfuse: a CUDA vector kernel failed to build: {error}")
 
     def _add(self, entry: str, binary: bytes) -> None:
         core = _core()
@@ -330,7 +351,7 @@ class _Launcher:
         self.codes.append(code)
         self.kernels[entry] = (kernel, _handle(kernel))
 
-    def _kernel(self, entry: str) -> tuple[object, int | None]:
+    def _kernel(self, entry: str, background: bool = False) -> tuple[object, int | None]:
         found = self.kernels.get(entry)
         if found is None:
             with self.lock:
@@ -340,8 +361,12 @@ class _Launcher:
                         _Entry(self.backend, entry), self.source, self.device)
                     self._add(entry, binary)
                     seconds = time.perf_counter() - start
-                    count(**({"compiles": 1, "compile_seconds": seconds} if compiled
-                             else {"disk_hits": 1}))
+                    if not compiled:
+                        count(disk_hits=1)
+                    elif background:
+                        count(background_compiles=1, background_seconds=seconds)
+                    else:
+                        count(compiles=1, compile_seconds=seconds)
                     log(2, f"entry point {entry} ready in {seconds * 1000:.1f} ms")
                 found = self.kernels[entry]
         return found
@@ -363,7 +388,8 @@ class _Launcher:
                     if len(self.layouts) >= LAYOUTS_MAX:
                         self.layouts.clear()
                     entry = self.layouts[layout] = self._entry(numel, sizes, strides)
-                if entry == "vector32" and not aligned(pointers):
+                if entry == "vector32" and ("vector32" not in self.kernels
+                                            or not aligned(pointers)):
                     entry = "scalar32"
                 work = numel // self.width if entry == "vector32" else numel
                 ok = self._launch(entry, numel, work, sizes, strides, pointers, flag)
@@ -397,7 +423,7 @@ class _Launcher:
         return "vector32"
 
     def _flat(self, numel: int, strides: list[int], pointers: list[int], flag) -> bool:
-        if not aligned(pointers):
+        if "vector32" not in self.kernels or not aligned(pointers):
             return self._launch("scalar32", numel, numel, [numel], strides, pointers, flag)
         work = -(-numel // self.width)
         return self._launch("vector32", numel, work, [numel], strides, pointers, flag)
