@@ -339,7 +339,7 @@ class _Launcher:
         try:
             with torch.cuda.device(self.index):
                 _enter(self.index)
-                self._kernel("vector32", background=True)
+                _load_now(self._kernel("vector32", background=True)[1])
         except Exception as error:  # the scalar entry keeps serving every call
             self._warn(f"torchfuse: a CUDA vector kernel failed to build: {error}")
 
@@ -467,6 +467,20 @@ def _cu_launch_kernel() -> int | None:
         return ctypes.cast(ctypes.CDLL("libcuda.so.1").cuLaunchKernel, ctypes.c_void_p).value
     except (OSError, AttributeError):
         return None
+
+
+def _load_now(handle: int | None) -> None:
+    """Load a kernel into the current context now. CUDA loads a kernel lazily, at its first
+    launch, and loading may wait for work queued on the device: on the background thread that
+    costs nothing, in a caller's launch it would stall the caller (once)."""
+    if handle is None:
+        return
+    try:
+        from cuda.bindings import driver
+
+        driver.cuKernelGetFunction(driver.CUkernel(handle))
+    except Exception as error:  # the first launch loads it instead
+        log(2, f"could not load a kernel ahead of its first launch: {error}")
 
 
 def _handle(kernel) -> int | None:
