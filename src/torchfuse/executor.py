@@ -126,12 +126,18 @@ def plan(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple:
         strides = _UNIT_STRIDES.get((len(inputs), n_out))
         if strides is None:
             strides = _UNIT_STRIDES[len(inputs), n_out] = [1] * (len(inputs) + n_out)
-        outs = [(tuple(shape), first.stride())] * n_out  # contiguous, like the inputs
+        layout = _CONTIGUOUS.get(shape)
+        if layout is None:
+            if len(_CONTIGUOUS) >= _PLANS_MAX:
+                _CONTIGUOUS.clear()
+            layout = _CONTIGUOUS[shape] = (tuple(shape), tuple(_contiguous_strides(shape)))
+        outs = [layout] * n_out  # contiguous, like the inputs
         return (device_key, dtypes, None), device, numel, [numel], strides, outs
     return _general_plan(spec, inputs, device, device_key, dtypes)
 
 
 _UNIT_STRIDES: dict[tuple[int, int], list[int]] = {}  # (inputs, outputs) -> flat strides: read-only
+_CONTIGUOUS: dict[torch.Size, tuple] = {}  # shape -> (shape, contiguous strides), bounded
 
 
 def _broadcast(shapes: Sequence[Sequence[int]]) -> list[int]:
