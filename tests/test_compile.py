@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import torchfuse
 from conftest import assert_fused, assert_same, make_input
+from torchfuse import executor
 from torchfuse.demo import LSTMCell
 
 
@@ -147,3 +148,57 @@ def test_backend_entry_point_without_import():
             "torch.testing.assert_close(f(x), torch.sigmoid(x) * x + 1)\n"
             "import sys; assert 'torchfuse' in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def _view_ops(results) -> list[str]:
+    """The split/slice nodes left in the compiled graphs."""
+    return [n.name for r in results for n in r.graph.graph.nodes
+            if n.op == "call_function" and ("split" in str(n.target) or "slice" in str(n.target))]
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_chunks_enter_the_group_as_pointers(device, dim, monkeypatch):
+    """A chunk of a wider tensor is not a view op per call: the runner takes the wide tensor and
+    hands the kernel pointers into it (rows of 4 chunks along dim 1, blocks along dim 0)."""
+    def lstm(gates, c):
+        i, f, g, o = gates.chunk(4, dim)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    gates = make_input((8, 24) if dim == 1 else (32, 6), torch.float32, device)
+    c = make_input((8, 6), torch.float32, device)
+    results = assert_fused(lstm, gates, c, groups=1)
+    assert _view_ops(results) == []
+    group = results[0].groups[0]
+    assert len(group.inputs) == 2  # the gates tensor itself, and c
+    assert not any("split" in target for _, target, _ in results[0].left_out)
+    compiled = torch.compile(lstm, backend="torchfuse")
+    compiled(gates, c)  # the first call builds the kernel through run, with real views
+    runs = []
+    original = executor.run
+    monkeypatch.setattr(executor, "run", lambda *a: runs.append(a) or original(*a))
+    for _ in range(2):  # then the runner passes pointers into gates itself
+        gates = make_input(tuple(gates.shape), torch.float32, device)
+        assert_same(compiled(gates, c), lstm(gates, c))
+    assert runs == []
+
+
+def test_slices_and_a_chunk_used_elsewhere(device):
+    def f(x, y):
+        a, b = x.split([3, 5], dim=1)
+        return torch.tanh(x[:, 1:4]) * y + torch.sigmoid(a), b.sum()
+    x = make_input((6, 8), torch.float32, device)
+    y = make_input((6, 3), torch.float32, device)
+    results = assert_fused(f, x, y, groups=1)
+    assert results[0].groups[0].inputs.count("arg0_1") == 1  # x, once, for both views
+
+
+def test_chunked_integer_division_by_zero_raises_eagers_error():
+    def f(x):
+        a, b = x.chunk(2, 1)
+        return a // b + 1, a * b
+    x = torch.randint(1, 9, (4, 6), dtype=torch.int32)
+    compiled = torch.compile(f, backend="torchfuse")
+    assert_same(compiled(x), f(x))
+    x[2, 4] = 0  # in the second chunk: the kernel flags it, the fallback raises eager's error
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        compiled(x)

@@ -55,33 +55,54 @@ def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
     return tuple(outputs)
 
 
-def bind(spec: KernelSpec, examples: Sequence) -> Callable[..., tuple] | None:
+def bind(spec: KernelSpec, examples: Sequence, views: Sequence | None = None,
+         arguments: Sequence | None = None) -> Callable[..., tuple] | None:
     """``run`` for one fusion node of a compiled graph, its plan made once from the node's
     example inputs (fake tensors); None where their shapes are symbolic or no kernel can run.
 
     torch.compile's guards fix the shapes, strides, dtypes and device that every call brings,
     and a plan costs more than a small kernel. A call that brings others anyway takes ``run``.
+
+    ``views``, where some inputs are views of other tensors (a ``chunk`` of a wider tensor): per
+    input, the index of the runner's argument it is, and the element offset of the view in that
+    argument or None where it is the argument itself; ``arguments`` are the arguments' examples.
+    The runner then takes the wider tensor and passes the kernel a pointer into it: no view op
+    per call.
     """
-    if not all(isinstance(t, _Tensor) and _static(t) for t in examples):
+    arguments = examples if views is None else arguments
+    if not all(isinstance(t, _Tensor) and _static(t) for t in (*examples, *arguments)):
         return None
     try:
         with torch.no_grad():
             key, device, numel, sizes, strides, outs = plan(spec, examples)
     except NoKernel:
         return None
-    shapes = [tuple(t.shape) for t in examples]
-    layouts = [t.stride() for t in examples]
+    shapes = [tuple(t.shape) for t in arguments]
+    layouts = [t.stride() for t in arguments]
     empty = devices.allocator(device)
+    table = None if views is None else [
+        (i, None if offset is None else offset * t.element_size(), t.shape, t.stride(), offset)
+        for (i, offset), t in zip(views, examples, strict=True)]
 
-    def fusion(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def inputs_of(args: tuple) -> list:
+        """The fusion's inputs: each argument, or the view of it."""
+        return [args[i] if offset is None
+                else args[i].as_strided(shape, stride, args[i].storage_offset() + offset)
+                for i, _, shape, stride, offset in table]
+
+    def fusion(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kernel = spec.kernels.get(key)
         if (kernel is None or kernel.launch is None or config.disable or config.check
-                or [t.stride() for t in inputs] != layouts or [t.shape for t in inputs] != shapes):
-            return run(spec, inputs)
+                or [t.stride() for t in args] != layouts or [t.shape for t in args] != shapes):
+            return run(spec, args if table is None else inputs_of(args))
         STATS.hits += 1
         outputs = [empty(shape, st, dtype) for (shape, st), dtype in zip(outs, kernel.out_dtypes)]
-        if numel and kernel.launch(numel, sizes, strides, [*inputs, *outputs]):
-            return run(spec, inputs)  # the kernel refused (division by zero): eager's error
+        operands = args if table is None else [
+            args[i] if nbytes is None else args[i].data_ptr() + nbytes
+            for i, nbytes, *_ in table]
+        if numel and kernel.launch(numel, sizes, strides, [*operands, *outputs]):
+            # the kernel refused (division by zero): eager's error
+            return run(spec, args if table is None else inputs_of(args))
         return tuple(outputs)
 
     fusion.__name__ = f"fusion_{spec.key}"  # how the compiled graph's code names it

@@ -121,8 +121,11 @@ def fuse(gm: torch.fx.GraphModule) -> FusionResult:
     fused = partitioner.fuse_partitions(partitions, prefix="fusion_")
     groups = [_replace(fused, node) for node in list(fused.graph.nodes)
               if node.op == "call_module" and node.target.startswith("fusion_")]
+    fused.graph.eliminate_dead_code()  # views now taken inside the runners
     fused.graph.lint()
     fused.recompile()
+    remaining = {n.name for n in fused.graph.nodes}
+    left_out = [entry for entry in left_out if entry[0] in remaining]
     for name, target, reason in left_out:
         log(3, f"left out {name} ({target}): {reason}")
     for group in groups:
@@ -144,12 +147,18 @@ def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Group:
     result = sub.graph.output_node().args[0]
     single = not isinstance(result, (tuple, list))
     examples = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in node.args]
-    bound = executor.bind(SPECS[key], examples)  # run_fusion with its plan made once
+    args, views = _view_sources(node.args)
+    bound = None
+    if views is not None:  # the runner takes the viewed tensors, not the views
+        bound = executor.bind(SPECS[key], examples, views, [a.meta.get("val") for a in args])
+    if bound is None:
+        args = node.args
+        bound = executor.bind(SPECS[key], examples)  # run_fusion with its plan made once
     with gm.graph.inserting_before(node):
         if bound is None:
-            call = gm.graph.call_function(run_fusion, (key, *node.args))
+            call = gm.graph.call_function(run_fusion, (key, *args))
         else:
-            call = gm.graph.call_function(bound, tuple(node.args))
+            call = gm.graph.call_function(bound, tuple(args))
         value = gm.graph.call_function(operator.getitem, (call, 0)) if single else call
     value.meta = dict(node.meta)
     outputs = result if not single else (result,)
@@ -158,7 +167,7 @@ def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Group:
         key=key,
         ops=[f"{n.name} = {_target_name(n.target)}" for n in sub.graph.nodes
              if n.op == "call_function"],
-        inputs=[str(a) for a in node.args],
+        inputs=[str(a) for a in args],
         outputs=[o.name for o in outputs],
         graph=sub,
         example_inputs=examples,
@@ -167,3 +176,48 @@ def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Group:
     gm.graph.erase_node(node)
     gm.delete_submodule(node.target)
     return group
+
+
+# View ops whose result a runner can take as a pointer into their first argument.
+_SPLITS = (torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default)
+_VIEWS = (torch.ops.aten.slice.Tensor,)
+
+
+def _viewed(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The tensor ``node`` is a slice of (``chunk``, ``split``, ``x[:, a:b]``), or None."""
+    if node.op != "call_function":
+        return None
+    if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+        split = node.args[0]
+        if split.op == "call_function" and split.target in _SPLITS:
+            return split.args[0] if isinstance(split.args[0], torch.fx.Node) else None
+    if node.target in _VIEWS and isinstance(node.args[0], torch.fx.Node):
+        return node.args[0]
+    return None
+
+
+def _view_sources(inputs) -> tuple[list, list | None]:
+    """The arguments a bound runner takes for a group's inputs where some are slices of other
+    tensors (each viewed tensor once), and per input (argument index, element offset of the
+    view in it, or None). (inputs, None) where no input is such a slice."""
+    args: list = []
+    index: dict = {}
+    views: list = []
+    for node in inputs:
+        base = _viewed(node) if isinstance(node, torch.fx.Node) else None
+        view, whole = (node.meta.get("val"), None if base is None else base.meta.get("val"))
+        offset = None
+        if (isinstance(whole, torch.Tensor) and isinstance(view, torch.Tensor)
+                and whole.dtype == view.dtype and whole.device == view.device):
+            offset = view.storage_offset() - whole.storage_offset()
+        if not isinstance(offset, int) or offset < 0:
+            base, offset = node, None
+        if not isinstance(base, torch.fx.Node):
+            return list(inputs), None
+        if base not in index:
+            index[base] = len(args)
+            args.append(base)
+        views.append((index[base], offset))
+    if all(offset is None for _, offset in views):
+        return list(inputs), None
+    return args, views

@@ -129,8 +129,9 @@ class CUDARenderer(CStyleRenderer):
     def render(self, typed: TypedGraph, argspec: ArgSpec) -> str:
         kernel = _Kernel(self, typed, argspec)
         code = "\n".join(kernel.lines())
-        names = f"// entry points: {' '.join(entry_points(argspec))}"
-        return "\n".join([names, self.preamble, helpers_for(code), "", code, ""])
+        header = (f"// entry points: {' '.join(entry_points(argspec))}\n"
+                  f"// operand bytes: {' '.join(str(d.itemsize) for d in kernel.dtypes)}")
+        return "\n".join([header, self.preamble, helpers_for(code), "", code, ""])
 
 
 class _Kernel:

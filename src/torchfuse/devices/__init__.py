@@ -32,7 +32,8 @@ class Backend(Protocol):
         """Source to a loadable binary. Raises CompileError."""
 
     def load(self, binary: bytes, device: torch.device, source: str) -> Callable[..., int]:
-        """A binary (of ``source``) to ``launch(numel, sizes, strides, tensors) -> error code``."""
+        """A binary (of ``source``) to ``launch(numel, sizes, strides, tensors) -> error code``;
+        an int in place of a tensor is its data pointer."""
 
     def device_key(self, device: torch.device) -> str:
         """The part of an ArgSpec naming the device: kernels are shared between equal keys."""

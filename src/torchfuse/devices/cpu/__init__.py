@@ -191,8 +191,8 @@ class CPUBackend:
 
             def launch(numel: int, sizes: list[int], strides: list[int], tensors: list) -> int:
                 # array.array packs the int64 arguments ~4x faster than a ctypes array does.
-                args = array.array("q", [numel, *sizes, *strides,
-                                         *[t.data_ptr() for t in tensors]])
+                args = array.array("q", [numel, *sizes, *strides, *[
+                    t if isinstance(t, int) else t.data_ptr() for t in tensors]])
                 return function(args.buffer_info()[0])
 
         launch.library = library  # keeps the library mapped while the kernel lives

@@ -36,7 +36,7 @@ import torch
 
 from ... import diskcache
 from ...cache import count
-from ...codegen.cuda import BLOCK, CUDARenderer, vector_width
+from ...codegen.cuda import BLOCK, VECTOR_BYTES, CUDARenderer
 from ...config import log
 from .. import CompileError, launcher
 
@@ -280,9 +280,13 @@ class _Entry:
 
 def entry_points(source: str) -> list[str]:
     """The entry points a rendered source names (codegen/cuda.py), the first compiled first."""
-    match = re.search(r"^// entry points: (.*)$", source, re.MULTILINE)
+    return _header(source, "entry points")
+
+
+def _header(source: str, name: str) -> list[str]:
+    match = re.search(rf"^// {name}: (.*)$", source, re.MULTILINE)
     if match is None:
-        raise CompileError("the source names no entry points")
+        raise CompileError(f"the source names no {name}")
     return match.group(1).split()
 
 
@@ -320,7 +324,8 @@ class _Launcher:
         self.lock = threading.Lock()
         self._add(self.entries[0], binary)
         self.max_blocks = _max_blocks(index)
-        self.width = 0  # elements per thread of the vector kernel, from the first call's dtypes
+        self.itemsizes = [int(n) for n in _header(source, "operand bytes")]
+        self.width = VECTOR_BYTES // max(self.itemsizes)  # elements per thread, vector entry
         self.configs: dict[int, object] = {}
         self.layouts: dict[tuple[int, ...], str] = {}  # sizes and strides -> entry point
         self.failed = False
@@ -376,9 +381,7 @@ class _Launcher:
             with torch.cuda.device(self.index):
                 return self(numel, sizes, strides, tensors)
         _enter(self.index)
-        pointers = [t.data_ptr() for t in tensors]
-        if not self.width:
-            self.width = vector_width([t.dtype for t in tensors])
+        pointers = [t if isinstance(t, int) else t.data_ptr() for t in tensors]
         flag = torch.zeros(1, dtype=torch.int32, device=self.device) if self.checked else None
         try:
             if not self.flat:
@@ -396,9 +399,9 @@ class _Launcher:
             elif numel < INDEX_LIMIT:
                 ok = self._flat(numel, strides, pointers, flag)
             else:  # flat kernels index in 32 bits: one launch per chunk of 2**30 elements
-                ok, sizes_of = True, [t.element_size() for t in tensors]
+                ok = True
                 for start in range(0, numel, CHUNK):
-                    chunk = [p + start * size for p, size in zip(pointers, sizes_of, strict=True)]
+                    chunk = [p + start * n for p, n in zip(pointers, self.itemsizes, strict=True)]
                     ok = self._flat(min(CHUNK, numel - start), strides, chunk, flag) and ok
         except CompileError as error:  # an entry point compiled late failed
             self._warn(f"torchfuse: a CUDA kernel failed to compile, the fallback runs: {error}")
