@@ -210,7 +210,8 @@ def _view_sources(inputs) -> tuple[list, list | None]:
         if (isinstance(whole, torch.Tensor) and isinstance(view, torch.Tensor)
                 and whole.dtype == view.dtype and whole.device == view.device):
             offset = view.storage_offset() - whole.storage_offset()
-        if not isinstance(offset, int) or offset < 0:
+        if not (isinstance(offset, int) and offset >= 0
+                and offset + _extent(view) <= _extent(whole)):  # inside the wider tensor
             base, offset = node, None
         if not isinstance(base, torch.fx.Node):
             return list(inputs), None
@@ -221,3 +222,10 @@ def _view_sources(inputs) -> tuple[list, list | None]:
     if all(offset is None for _, offset in views):
         return list(inputs), None
     return args, views
+
+
+def _extent(t: torch.Tensor) -> int:
+    """The element offset of a tensor's last element from its first (-1 when it is empty)."""
+    if t.numel() == 0:
+        return -1
+    return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
