@@ -511,8 +511,7 @@ def compile_table(rows: list[dict]) -> str:
     ]
     body = [
         [
-            r["workload"],
-            r["dtype"].removeprefix("torch."),
+            *_names(r)[:2],
             _s(r["torchfuse_group_compile_s"]),
             _s(r.get("torchfuse_background_compile_s")),
             _s(r["torchfuse_compile_s"]),

@@ -204,8 +204,10 @@ def _view_sources(inputs) -> tuple[list, list | None]:
     index: dict = {}
     views: list = []
     for node in inputs:
-        base = _viewed(node) if isinstance(node, torch.fx.Node) else None
-        view, whole = (node.meta.get("val"), None if base is None else base.meta.get("val"))
+        if not isinstance(node, torch.fx.Node):
+            return list(inputs), None
+        base = _viewed(node)
+        view, whole = node.meta.get("val"), None if base is None else base.meta.get("val")
         offset = None
         if (isinstance(whole, torch.Tensor) and isinstance(view, torch.Tensor)
                 and whole.dtype == view.dtype and whole.device == view.device):
@@ -213,8 +215,6 @@ def _view_sources(inputs) -> tuple[list, list | None]:
         if not (isinstance(offset, int) and offset >= 0
                 and offset + _extent(view) <= _extent(whole)):  # inside the wider tensor
             base, offset = node, None
-        if not isinstance(base, torch.fx.Node):
-            return list(inputs), None
         if base not in index:
             index[base] = len(args)
             args.append(base)

@@ -14,7 +14,6 @@ import importlib.machinery
 import importlib.util
 import os
 import platform
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -78,19 +77,19 @@ class _Builder:
         return f"{_compiler_identity(config.cc)} | {' '.join(FLAGS)} | {abi} | {platform.machine()}"
 
     def compile(self, source: str, device: torch.device) -> bytes:
-        from .cpu import _private_dir
+        from .cpu import BACKEND, _private_dir, _run
 
         include = sysconfig.get_paths()["include"]
         if not os.path.exists(os.path.join(include, "Python.h")):
             raise CompileError(f"Python's headers are not installed (no Python.h in {include})")
+        reason = BACKEND.unavailable()  # the same compiler as CPU kernels
+        if reason:
+            raise CompileError(reason)
         with tempfile.TemporaryDirectory(dir=_private_dir()) as work:
             with open(os.path.join(work, "launch.c"), "w") as f:
                 f.write(source)
             cmd = [config.cc, *FLAGS, f"-I{include}", "-o", "launch.so", "launch.c"]
-            try:
-                result = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
-            except OSError as error:
-                raise CompileError(f"cannot run {config.cc!r}: {error}") from None
+            result = _run(cmd, work)
             if result.returncode != 0:
                 raise CompileError(f"building the launcher failed:\n{result.stderr.strip()}")
             with open(os.path.join(work, "launch.so"), "rb") as f:
