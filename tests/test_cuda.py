@@ -439,14 +439,17 @@ def test_disk_cache_serves_cuda_kernels(cuda_fusion, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_rounding_is_eagers_bit_for_bit(device, dtype):
     """Every float32 class (random bit patterns: subnormals, ties, NaN, ±Inf, overflow) rounds
-    to float16/bfloat16 exactly as eager rounds it; NaN stays NaN."""
+    to float16/bfloat16 exactly as eager rounds it, stored as such or rounded in flight and
+    kept as a float; NaN stays NaN."""
     bits = torch.randint(-2**31, 2**31, (1 << 18,), dtype=torch.int64).to(torch.int32)
     ties = torch.arange(-2**15, 2**15, dtype=torch.int32) * 2**16 + 2**15  # halfway cases
     x = torch.cat([bits, ties]).view(torch.float32).to(device)
     one = torch.ones((), device=device)
-    fn = lambda a, b: (a * b).to(dtype)  # noqa: E731
-    got = _fused(fn, x, one)(x, one)[0]
-    want = fn(x, one)
-    nan = want.isnan()
-    assert torch.equal(got.isnan(), nan)
-    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    stored = lambda a, b: (a * b).to(dtype)  # noqa: E731
+    in_flight = lambda a, b: (a * b).to(dtype).float()  # noqa: E731
+    for fn, bits_of in ((stored, torch.int16), (in_flight, torch.int32)):
+        got = _fused(fn, x, one)(x, one)[0]
+        want = fn(x, one)
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan].view(bits_of), want[~nan].view(bits_of))

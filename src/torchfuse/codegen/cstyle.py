@@ -59,7 +59,12 @@ TF_FN uint16_t tf_f2bf(float f) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  /* NaN */
   return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  /* round to nearest even */
 }
-TF_FN float tf_round_bf16(float f) { return tf_bf2f(tf_f2bf(f)); }"""),
+TF_FN float tf_round_bf16(float f) {
+#ifdef TF_ROUND_BF16_NATIVE
+  return TF_ROUND_BF16_NATIVE(f);
+#endif
+  return tf_bf2f(tf_f2bf(f));
+}"""),
     (("tf_round_f16",), r"""
 TF_FN float tf_round_f16(float f) { return tf_h2f(tf_f2h(f)); }"""),
     (("tf_f2i32", "tf_f2i64"), r"""
@@ -253,6 +258,12 @@ class CStyleRenderer:
 
     def op_expr(self, typed: TypedGraph, k: int) -> str:
         """The C expression of op ``k``, converted to its output dtype."""
+        expr, result = self.op_result(typed, k)
+        return self.convert(expr, result, typed.dtypes[typed.graph.n_inputs + k])
+
+    def op_result(self, typed: TypedGraph, k: int) -> tuple[str, torch.dtype]:
+        """The C expression of op ``k`` and the dtype it computes, before the conversion to
+        the op's output dtype."""
         graph, dtypes, selected = typed.graph, typed.dtypes, typed.selected[k]
         op = graph.ops[k]
         out = dtypes[graph.n_inputs + k]
@@ -275,7 +286,7 @@ class CStyleRenderer:
         result = torch.bool if selected.op.boolean else compute
         if result in (torch.float16, torch.bfloat16):
             result = torch.float32
-        return self.convert(expr, result, out)
+        return expr, result
 
     def body(self, typed: TypedGraph) -> list[str]:
         """Statements computing every op's value ``v<id>`` from the loaded inputs."""

@@ -6,7 +6,8 @@ Operands follow codegen/c.py: inputs, then outputs; sizes, then per-operand stri
     (int64 n, int64 size[R], int64 stride[K][R], pointer[K] [, int* error])
 
 A source holds up to three entry points over the same element body, each a grid-stride loop
-under ``#ifdef TF_ENTRY_<name>``; the backend compiles one at a time (``scalar32`` when the
+(the launcher gives it a thread per element or vector; the loop serves grids past the hardware's
+limit) under ``#ifdef TF_ENTRY_<name>``; the backend compiles one at a time (``scalar32`` when the
 kernel is built, ``vector32`` right after on a background thread, ``scalar64`` when a call first
 needs it) and the launcher picks one per call (devices/cuda). ``scalar32`` and ``scalar64``:
 one element per thread, 32- or 64-bit index arithmetic (turning an index into offsets is far
@@ -20,6 +21,8 @@ error flag as last parameter.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -78,6 +81,24 @@ TF_FN uint16_t tf_f2bf_native(float f) {
   return (uint16_t)h;
 }
 #define TF_F2BF_NATIVE tf_f2bf_native
+/* Rounding a float to bfloat16 and back: the rounded value in the upper half of the packed
+   pair, zero in the lower, is already the float's bit pattern (one instruction, no shift). */
+TF_FN float tf_round_bf16_native(float f) {
+  uint32_t h; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(h) : "f"(f), "f"(0.0f));
+  return __uint_as_float(h);
+}
+#define TF_ROUND_BF16_NATIVE tf_round_bf16_native
+/* Two floats rounded to float16 and back: one cvt packs both (F2FP), where rounding each
+   alone takes one of its own. */
+TF_FN void tf_round_f16x2(float& a, float& b) {
+  asm("{ .reg .b32 h; .reg .b16 lo, hi;\n"
+      "  cvt.rn.f16x2.f32 h, %0, %1;\n"
+      "  mov.b32 {lo, hi}, h;\n"
+      "  cvt.f32.f16 %0, hi;\n"
+      "  cvt.f32.f16 %1, lo; }" : "+f"(a), "+f"(b));
+}
+#else
+TF_FN void tf_round_f16x2(float& a, float& b) { a = tf_h2f(tf_f2h(a)); b = tf_h2f(tf_f2h(b)); }
 #endif
 """
 
@@ -115,6 +136,11 @@ def is_flat(argspec: ArgSpec) -> bool:
     """Rank 1 and every operand contiguous: the case vector kernels serve."""
     return (argspec.rank == 1 and all(d.inner == CONTIG for d in argspec.inputs)
             and all(inner == CONTIG and not partial for inner, partial in argspec.outputs))
+
+
+def _nth(expr: str, j: int) -> str:
+    """``expr`` over the values of the ``j``-th element of a pair: ``v3`` -> ``v3_<j>``."""
+    return re.sub(r"\bv(\d+)\b", rf"v\g<1>_{j}", expr)
 
 
 class CUDARenderer(CStyleRenderer):
@@ -263,11 +289,13 @@ class _Kernel:
             condition = None if flat else self.guard(p - n_in)
             return f"if ({condition}) {statement}" if condition else statement
 
-        element = self.element(
-            None,
-            load=lambda p: r.load(f"b{p}.e", "k", dtypes[p]),
-            store=lambda p, value: r.store(f"b{p}.e", "k", value, dtypes[p]),
-        )
+        element, step = self.pair(), 2
+        if element is None:
+            element, step = self.element(
+                None,
+                load=lambda p: r.load(f"b{p}.e", "k", dtypes[p]),
+                store=lambda p, value: r.store(f"b{p}.e", "k", value, dtypes[p]),
+            ), 1
         if self.checked:  # only elements inside the tensor may report an error
             element = ["int err = 0;", *element, "tf_err |= err & (i < full || base + k < n);"]
         unions = [f"    union {{ {words[p]} all; {STORAGE_TYPES[d]} e[{width}]; }} b{p};"
@@ -299,7 +327,8 @@ class _Kernel:
             f"    const I base = i * {width};",
             *unions,
             *loads,
-            *each("{", pad="    "),
+            "    #pragma unroll",
+            f"    for (int k = 0; k < {width}; k += {step}) {{",
             *(f"      {line}" for line in element),
             "    }",
             *stores,
@@ -307,6 +336,32 @@ class _Kernel:
             *self.report("tf_err"),
             "}",
         ]
+
+    def pair(self) -> list[str] | None:
+        """Elements ``k`` and ``k + 1`` of a vector together (values ``v<id>_0``, ``v<id>_1``),
+        where ops give float16 results: each such op rounds both in one ``tf_round_f16x2``.
+        None where no op gives float16, or the body can fail."""
+        typed, r, dtypes, n_in = self.typed, self.r, self.dtypes, self.n_in
+        n = typed.graph.n_inputs
+        if self.checked or torch.float16 not in typed.dtypes[n:]:
+            return None
+        elements = ("k", "k + 1")
+        lines = [f"const {C_TYPES[dtypes[i]]} v{i}_{j} = {r.load(f'b{i}.e', k, dtypes[i])};"
+                 for j, k in enumerate(elements) for i in range(n_in)]
+        for k in range(len(typed.graph.ops)):
+            value, out = n + k, typed.dtypes[n + k]
+            expr, result = r.op_result(typed, k)
+            if out == torch.float16:
+                lines += [f"float v{value}_{j} = (float)({_nth(expr, j)});" for j in (0, 1)]
+                lines.append(f"tf_round_f16x2(v{value}_0, v{value}_1);")
+            else:
+                expr = r.convert(expr, result, out)
+                lines += [f"{C_TYPES[out]} v{value}_{j} = {_nth(expr, j)};" for j in (0, 1)]
+        for o, value in enumerate(typed.graph.outputs):
+            p = n_in + o
+            lines += [r.store(f"b{p}.e", k, f"v{value}_{j}", dtypes[p])
+                      for j, k in enumerate(elements)]
+        return lines
 
     def report(self, flag: str = "err") -> list[str]:
         return [f"  if ({flag}) *error = 1;"] if self.checked else [f"  (void){flag};"]

@@ -11,10 +11,13 @@ thread; 32-bit index arithmetic while every element offset stays under 2**31, el
 kernels instead launch chunks of 2**30 elements). A kernel is ready to run once its scalar entry
 is compiled; the vector entry, several times slower to compile, follows on a background thread.
 Launches go through the native launcher (devices/launch.c: cuLaunchKernel with the arguments
-packed in C) where it is built, else through cuda.core. The grid is a grid-stride loop of at
-most as many blocks as the GPU holds at once. Kernels whose body can fail (integer division by
-zero) get a device flag that is read back after the launch, which waits for the kernel: only
-those kernels pay that synchronisation, the others return as soon as the launch is queued.
+packed in C) where it is built, else through cuda.core. The grid has a thread for every element
+(or vector), and the block scheduler keeps every multiprocessor fed to the end: a grid of only
+as many blocks as the GPU holds at once, each thread looping over the tensor, ran at 1.05-1.24x
+the copy floor at 2**26 elements where this one runs at 0.98-1.02x (its threads waited on each
+iteration's loads). Kernels whose body can fail (integer division by zero) get a device flag
+that is read back after the launch, which waits for the kernel: only those kernels pay that
+synchronisation, the others return as soon as the launch is queued.
 (CUDA eager does not raise there, so the fallback then gives eager's own values.)
 """
 
@@ -43,7 +46,7 @@ from .. import CompileError, launcher
 INDEX_LIMIT = 2**31  # 32-bit kernels serve every element offset below this
 CHUNK = 2**30  # elements per launch of a flat kernel beyond INDEX_LIMIT (keeps 16-byte alignment)
 LAUNCH_FAILED = 2  # error code: the executor runs the fallback
-RESIDENT_BLOCKS = 2048 // BLOCK  # blocks per multiprocessor at full occupancy
+GRID_MAX = 2**31 - 1  # blocks in a grid's x dimension; the kernels loop past it
 ELF = b"\x7fELF"
 LAYOUTS_MAX = 4096  # memoised entry choices per kernel, cleared when full
 
@@ -104,12 +107,6 @@ def _options(arch: str) -> tuple[object, str]:
         except TypeError:  # a cuda.core that does not know the option
             pass
     return core.ProgramOptions(arch=arch), f"-arch={arch}"
-
-
-@functools.cache
-def _max_blocks(index: int) -> int:
-    """Grid size at which a grid-stride loop fills the GPU."""
-    return torch.cuda.get_device_properties(index).multi_processor_count * RESIDENT_BLOCKS
 
 
 @functools.lru_cache(maxsize=1)
@@ -323,7 +320,6 @@ class _Launcher:
         self.codes: list[object] = []  # keeps every loaded module alive
         self.lock = threading.Lock()
         self._add(self.entries[0], binary)
-        self.max_blocks = _max_blocks(index)
         self.itemsizes = [int(n) for n in _header(source, "operand bytes")]
         self.width = VECTOR_BYTES // max(self.itemsizes)  # elements per thread, vector entry
         self.configs: dict[int, object] = {}
@@ -434,7 +430,7 @@ class _Launcher:
     def _launch(self, entry: str, numel: int, work: int, sizes, strides, pointers, flag) -> bool:
         """Queue one launch on torch's current stream; False (and a warning once) if it fails."""
         kernel, handle = self._kernel(entry)
-        blocks = min(-(-work // BLOCK), self.max_blocks)
+        blocks = min(-(-work // BLOCK), GRID_MAX)
         if flag is not None:
             pointers = [*pointers, flag.data_ptr()]
         try:
