@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import torchfuse
-from conftest import assert_matches_eager, assert_same, make_input, trace
+from conftest import _tuple, assert_matches_eager, assert_same, make_input, trace
 from torchfuse import compiler, devices, interface
 from torchfuse.cache import SPECS
 from torchfuse.codegen.cuda import PREAMBLE, CUDARenderer, is_flat, vector_width
@@ -434,6 +434,39 @@ def test_disk_cache_serves_cuda_kernels(cuda_fusion, tmp_path):
         assert_same(fused(x)[0], fn(x))
         info = torchfuse.cache_info()
         assert info["disk_hits"] == 2 and info["compiles"] == info["background_compiles"] == 0
+
+
+def _every_half(dtype, n=1 << 16):
+    """Every 16-bit pattern (subnormals, NaN, ±Inf, ±0) in a shuffled order."""
+    bits = torch.randperm(1 << 16)[:n].to(torch.int32) - (1 << 15)
+    return bits.to(torch.int16).view(dtype)
+
+
+def _assert_bits(got, want):
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_pairs_are_eagers_bit_for_bit(device, dtype):
+    """Vector kernels add, subtract and multiply float16/bfloat16 two at a time in one rounding
+    (exact constants included), other ops in float rounded by one packing cvt: every 16-bit
+    pattern against every other, as eager gives them."""
+    a, b = _every_half(dtype), _every_half(dtype)
+    row = _every_half(dtype, 256)
+    programs = [
+        lambda a, b: (a * b, a + b, a - b, b - a * 0.5, 1.0 - a + b),  # pairs only
+        lambda a, b: a / (b + 2.0) * b + a * 0.044715,  # float ops between pairs
+        lambda a, b: (a * b).float() + a,  # a float output from a pair
+    ]
+    for fn in programs:
+        outs = _fused(fn, a, b)(a, b)
+        for got, want in zip(_tuple(outs), _tuple(fn(a, b)), strict=True):
+            _assert_bits(got, want)
+    x = _every_half(dtype).view(256, 256)  # a row operand: the strided vector entry
+    fn = lambda x, r: x * r - r  # noqa: E731
+    _assert_bits(_fused(fn, x, row)(x, row)[0], fn(x, row))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -253,6 +253,19 @@ def test_half_intermediates_round_like_eager(device):
     assert_same(run_registered(fn, x), fn(x), reference(fn, x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_products_round_before_the_next_op_like_eager(device, dtype):
+    """Eager rounds a product before the op that uses it: ``x * y - p`` with ``p`` eager's
+    ``x * y`` is exactly zero. A compiler contracting the two into one fused multiply-add (gcc's
+    and NVRTC's default) would leave the product's rounding error there instead."""
+    x, y = (torch.randn(4096, device=device, dtype=dtype) * 10 for _ in range(2))
+    p = x * y
+    for fn in (lambda a, b, c: a * b - c, lambda a, b, c: c - a * b * 1.0):
+        want = fn(x, y, p)
+        assert want.abs().max() == 0
+        torch.testing.assert_close(run_registered(fn, x, y, p)[0], want, rtol=0, atol=0)
+
+
 def test_constants_nan_inf_and_huge_ints(device):
     x = make_input((50,), torch.int64, device)
     assert_matches_eager(lambda t: t + (-(2**63)), x)

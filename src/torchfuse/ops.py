@@ -95,6 +95,11 @@ class OpDef:
     """attributes -> the reason this call is not fused, or None."""
     cuda: dict = dataclasses.field(default_factory=dict)
     """Per type class, an expression that replaces the C one in CUDA source."""
+    pair: str | Render | None = None
+    """CUDA, float16/bfloat16 computed as such: the op on two elements packed in one 32-bit word
+    (``{t}`` is ``h`` or ``bf``), rounding once. Only for ops whose float result of two halves,
+    rounded, is the correctly rounded half result (add, sub, mul: exact, or rounded twice
+    innocuously, 24 >= 2 * 11 + 2 bits); a Render may return None (alpha other than 1)."""
 
     def template(self, cls: str, cuda: bool = False) -> str | Render | None:
         if cuda and cls in self.cuda:
@@ -121,7 +126,12 @@ def _axpy(sign: str, swap: bool = False) -> dict:
         a, b = (b, a) if swap else (a, b)
         return f"({a} {sign} {alpha} * {b}) != 0"
 
-    return {"f": f, "i": i, "b": b}
+    def pair(ctx: Ctx, a: Operand, b: Operand, alpha: Operand) -> str | None:
+        a, b = (b, a) if swap else (a, b)
+        name = "add" if sign == "+" else "sub"
+        return f"tf_{ctx.t}{name}2({a}, {b})" if alpha.is_const(1) else None
+
+    return {"f": f, "i": i, "b": b, "pair": pair}
 
 
 def _div_mode(mode: str | None) -> dict:
@@ -319,7 +329,7 @@ OPS: tuple[OpDef, ...] = (
     OpDef("add", ("add",), **_axpy("+")),
     OpDef("sub", ("sub",), **_axpy("-")),
     OpDef("rsub", ("rsub",), **_axpy("-", swap=True)),
-    OpDef("mul", ("mul",), f="{a} * {b}", i=_WRAP_MUL, b="{a} && {b}"),
+    OpDef("mul", ("mul",), f="{a} * {b}", i=_WRAP_MUL, b="{a} && {b}", pair="tf_{t}mul2({a}, {b})"),
     OpDef("div", ("div",), f=_div("f"), i=_div("i"), check=_check_div),
     OpDef("floor_divide", ("floor_divide",), f="tf_div_floor{f}({a}, {b})",
           i="tf_div_floor_{t}({a}, {b}, &err)"),

@@ -22,10 +22,13 @@ error flag as last parameter.
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 
+from .. import ops
+from ..ir import Const
 from ..spec import BROADCAST, CONTIG, ArgSpec
 from .cstyle import C_TYPES, STORAGE_TYPES, CStyleRenderer, TypedGraph, helpers_for
 
@@ -88,19 +91,58 @@ TF_FN float tf_round_bf16_native(float f) {
   return __uint_as_float(h);
 }
 #define TF_ROUND_BF16_NATIVE tf_round_bf16_native
-/* Two floats rounded to float16 and back: one cvt packs both (F2FP), where rounding each
-   alone takes one of its own. */
-TF_FN void tf_round_f16x2(float& a, float& b) {
-  asm("{ .reg .b32 h; .reg .b16 lo, hi;\n"
-      "  cvt.rn.f16x2.f32 h, %0, %1;\n"
-      "  mov.b32 {lo, hi}, h;\n"
-      "  cvt.f32.f16 %0, hi;\n"
-      "  cvt.f32.f16 %1, lo; }" : "+f"(a), "+f"(b));
-}
-#else
-TF_FN void tf_round_f16x2(float& a, float& b) { a = tf_h2f(tf_f2h(a)); b = tf_h2f(tf_f2h(b)); }
 #endif
 """
+
+# Pairs of float16 or bfloat16 in one 32-bit word (vector kernels; element k in the low half,
+# k + 1 in the high): packed from two floats by one cvt that rounds each as eager rounds it,
+# unpacked exactly, added, subtracted or multiplied with one rounding (see ops.OpDef.pair).
+PAIRS = r"""
+TF_FN void tf_hunpack2(uint32_t h, float& lo, float& hi) {
+  asm("{ .reg .b16 l, u; mov.b32 {l, u}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, u; }"
+      : "=f"(lo), "=f"(hi) : "r"(h));
+}
+TF_FN void tf_bfunpack2(uint32_t h, float& lo, float& hi) {
+  lo = tf_u2f(h << 16); hi = tf_u2f(h & 0xffff0000u);
+}
+#define TF_PAIR_OP(name, ptx) \
+TF_FN uint32_t name(uint32_t a, uint32_t b) { \
+  uint32_t d; asm(ptx " %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d; \
+}
+TF_PAIR_OP(tf_hadd2, "add.rn.f16x2")
+TF_PAIR_OP(tf_hsub2, "sub.rn.f16x2")
+TF_PAIR_OP(tf_hmul2, "mul.rn.f16x2")
+#if __CUDA_ARCH__ >= 800
+TF_FN uint32_t tf_hpack2(float lo, float hi) {
+  uint32_t d; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d;
+}
+TF_FN uint32_t tf_bfpack2(float lo, float hi) {
+  uint32_t d; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d;
+}
+#else
+TF_FN uint32_t tf_hpack2(float lo, float hi) {
+  return (uint32_t)tf_f2h(lo) | (uint32_t)tf_f2h(hi) << 16;
+}
+TF_FN uint32_t tf_bfpack2(float lo, float hi) {
+  return (uint32_t)tf_f2bf(lo) | (uint32_t)tf_f2bf(hi) << 16;
+}
+#endif
+#if __CUDA_ARCH__ >= 900
+TF_PAIR_OP(tf_bfadd2, "add.rn.bf16x2")
+TF_PAIR_OP(tf_bfsub2, "sub.rn.bf16x2")
+TF_PAIR_OP(tf_bfmul2, "mul.rn.bf16x2")
+#else  /* through float: the same single rounding */
+#define TF_BF_PAIR_OP(name, op) \
+TF_FN uint32_t name(uint32_t a, uint32_t b) { \
+  float a0, a1, b0, b1; tf_bfunpack2(a, a0, a1); tf_bfunpack2(b, b0, b1); \
+  return tf_bfpack2(a0 op b0, a1 op b1); \
+}
+TF_BF_PAIR_OP(tf_bfadd2, +)
+TF_BF_PAIR_OP(tf_bfsub2, -)
+TF_BF_PAIR_OP(tf_bfmul2, *)
+#endif"""
+HALVES = {torch.float16: "h", torch.bfloat16: "bf"}  # the pair helpers' infix: tf_hadd2
+
 
 # Eager's float -> integer casts on CUDA: cvt.rzi from the value's own precision, which saturates
 # (NaN gives 0 from float, INT_MIN from double into 32 bits); the __*_rz intrinsics spell it
@@ -138,6 +180,17 @@ def is_flat(argspec: ArgSpec) -> bool:
             and all(inner == CONTIG and not partial for inner, partial in argspec.outputs))
 
 
+def _half_bits(value: bool | int | float, dtype: torch.dtype) -> int | None:
+    """The 16 bits of ``value`` in float16/bfloat16 where it is exact there (sign of zero too),
+    else None (NaN, booleans and anything that rounds)."""
+    if isinstance(value, bool) or value != value:
+        return None
+    half = torch.tensor(float(value), dtype=torch.float64).to(dtype)
+    if float(half) != value or math.copysign(1, float(half)) != math.copysign(1, value):
+        return None
+    return int(half.view(torch.int16)) & 0xFFFF
+
+
 def _nth(expr: str, j: int) -> str:
     """``expr`` over the values of the ``j``-th element of a pair: ``v3`` -> ``v3_<j>``."""
     return re.sub(r"\bv(\d+)\b", rf"v\g<1>_{j}", expr)
@@ -157,7 +210,8 @@ class CUDARenderer(CStyleRenderer):
         code = "\n".join(kernel.lines())
         header = (f"// entry points: {' '.join(entry_points(argspec))}\n"
                   f"// operand bytes: {' '.join(str(d.itemsize) for d in kernel.dtypes)}")
-        return "\n".join([header, self.preamble, helpers_for(code), "", code, ""])
+        pairs = PAIRS if "pack2(" in code else ""
+        return "\n".join([header, self.preamble, helpers_for(code + pairs), pairs, "", code, ""])
 
 
 class _Kernel:
@@ -298,7 +352,8 @@ class _Kernel:
             ), 1
         if self.checked:  # only elements inside the tensor may report an error
             element = ["int err = 0;", *element, "tf_err |= err & (i < full || base + k < n);"]
-        unions = [f"    union {{ {words[p]} all; {STORAGE_TYPES[d]} e[{width}]; }} b{p};"
+        unions = [f"    union {{ {words[p]} all; {STORAGE_TYPES[d]} e[{width}];"
+                  + (f" uint32_t w[{width // 2}];" if d in HALVES else "") + f" }} b{p};"
                   for p, d in enumerate(dtypes)]
         if flat:
             loads = ["    if (i < full) {",
@@ -338,30 +393,85 @@ class _Kernel:
         ]
 
     def pair(self) -> list[str] | None:
-        """Elements ``k`` and ``k + 1`` of a vector together (values ``v<id>_0``, ``v<id>_1``),
-        where ops give float16 results: each such op rounds both in one ``tf_round_f16x2``.
-        None where no op gives float16, or the body can fail."""
+        """Elements ``k`` and ``k + 1`` of a vector together, where values are float16 or
+        bfloat16: such a value is a pair ``h<id>`` (one 32-bit word, as loaded and stored),
+        unpacked into floats ``v<id>_0``, ``v<id>_1`` only where an op computes in float; ops
+        with a pair form (add, sub, mul) compute on pairs, every other op's two results are
+        rounded by one packing cvt. Other values are two floats (or ints) ``v<id>_0``,
+        ``v<id>_1``. None where no value is float16 or bfloat16, or the body can fail."""
         typed, r, dtypes, n_in = self.typed, self.r, self.dtypes, self.n_in
         n = typed.graph.n_inputs
-        if self.checked or torch.float16 not in typed.dtypes[n:]:
+        if self.checked or not any(d in HALVES for d in typed.dtypes):
             return None
         elements = ("k", "k + 1")
-        lines = [f"const {C_TYPES[dtypes[i]]} v{i}_{j} = {r.load(f'b{i}.e', k, dtypes[i])};"
-                 for j, k in enumerate(elements) for i in range(n_in)]
+        lines: list[str] = []
+        floats: set[int] = set()  # values whose two floats are there
+
+        def unpack(expr: str) -> None:
+            for value in sorted({int(v) for v in re.findall(r"\bv(\d+)\b", expr)} - floats):
+                half = HALVES[typed.dtypes[value]]
+                lines.append(f"float v{value}_0, v{value}_1; "
+                             f"tf_{half}unpack2(h{value}, v{value}_0, v{value}_1);")
+                floats.add(value)
+
+        for i in range(n_in):
+            if dtypes[i] in HALVES:
+                lines.append(f"const uint32_t h{i} = b{i}.w[k / 2];")
+            else:
+                lines += [f"const {C_TYPES[dtypes[i]]} v{i}_{j} = "
+                          f"{r.load(f'b{i}.e', k, dtypes[i])};" for j, k in enumerate(elements)]
+                floats.add(i)
         for k in range(len(typed.graph.ops)):
             value, out = n + k, typed.dtypes[n + k]
+            pair = self.pair_expr(k)
+            if pair is not None:
+                lines.append(f"const uint32_t h{value} = {pair};")
+                continue
             expr, result = r.op_result(typed, k)
-            if out == torch.float16:
-                lines += [f"float v{value}_{j} = (float)({_nth(expr, j)});" for j in (0, 1)]
-                lines.append(f"tf_round_f16x2(v{value}_0, v{value}_1);")
+            if out in HALVES:
+                unpack(expr)
+                lines += [f"const float r{value}_{j} = (float)({_nth(expr, j)});" for j in (0, 1)]
+                lines.append(f"const uint32_t h{value} = "
+                             f"tf_{HALVES[out]}pack2(r{value}_0, r{value}_1);")
             else:
                 expr = r.convert(expr, result, out)
-                lines += [f"{C_TYPES[out]} v{value}_{j} = {_nth(expr, j)};" for j in (0, 1)]
+                unpack(expr)
+                lines += [f"const {C_TYPES[out]} v{value}_{j} = {_nth(expr, j)};" for j in (0, 1)]
+                floats.add(value)
         for o, value in enumerate(typed.graph.outputs):
             p = n_in + o
-            lines += [r.store(f"b{p}.e", k, f"v{value}_{j}", dtypes[p])
-                      for j, k in enumerate(elements)]
+            if dtypes[p] in HALVES:
+                lines.append(f"b{p}.w[k / 2] = h{value};")
+            else:
+                lines += [r.store(f"b{p}.e", k, f"v{value}_{j}", dtypes[p])
+                          for j, k in enumerate(elements)]
         return lines
+
+    def pair_expr(self, k: int) -> str | None:
+        """Op ``k`` on pairs: its op has a pair form, it computes in its float16/bfloat16 output
+        dtype, and every operand is a value of that dtype or a constant exact in it."""
+        typed = self.typed
+        selected, op = typed.selected[k], typed.graph.ops[k]
+        out = typed.dtypes[typed.graph.n_inputs + k]
+        if selected.op.pair is None or out not in HALVES or selected.compute != out:
+            return None
+        operands = []
+        for operand, cast in zip(op.operands, selected.casts):
+            if isinstance(operand, Const):
+                bits = _half_bits(operand.value, out)
+                if bits is None:
+                    return None
+                operands.append(ops.Operand(f"0x{bits:04x}{bits:04x}u", operand.value, out))
+            elif operand is not None:
+                if typed.dtypes[operand.id] != out or cast != out:
+                    return None
+                operands.append(ops.Operand(f"h{operand.id}", dtype=out))
+            else:
+                operands.append(None)
+        ctx = ops.Ctx(compute=out, out=out, attrs=op.attr_dict, T="uint32_t", U="uint32_t",
+                      t=HALVES[out], f="", literal=str, cuda=True)
+        template = selected.op.pair
+        return template(ctx, *operands) if callable(template) else ctx.fmt(template, operands)
 
     def report(self, flag: str = "err") -> list[str]:
         return [f"  if ({flag}) *error = 1;"] if self.checked else [f"  (void){flag};"]

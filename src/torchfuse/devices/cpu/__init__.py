@@ -20,8 +20,10 @@ from ...codegen.c import CRenderer
 from ...config import config
 from .. import CompileError, launcher
 
+# -ffp-contract=off: eager rounds every op's result, so a product feeding an add is rounded
+# first; gcc's default (fast) would fuse the two into one multiply-add, rounding once.
 BASE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-fwrapv",
-              "-fno-math-errno")
+              "-fno-math-errno", "-ffp-contract=off")
 OPENMP_FLAGS = ("-fopenmp",)
 # glibc's vector math (see codegen.c.VECTOR_MATH). -z defs: a vector variant this libmvec lacks
 # fails the compile (and the fallback runs) instead of the load.
