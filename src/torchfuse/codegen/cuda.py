@@ -210,7 +210,7 @@ class CUDARenderer(CStyleRenderer):
         code = "\n".join(kernel.lines())
         header = (f"// entry points: {' '.join(entry_points(argspec))}\n"
                   f"// operand bytes: {' '.join(str(d.itemsize) for d in kernel.dtypes)}")
-        pairs = PAIRS if "pack2(" in code else ""
+        pairs = PAIRS if re.search(r"\btf_(h|bf)\w+2\(", code) else ""
         return "\n".join([header, self.preamble, helpers_for(code + pairs), pairs, "", code, ""])
 
 
