@@ -436,10 +436,10 @@ def test_disk_cache_serves_cuda_kernels(cuda_fusion, tmp_path):
         assert info["disk_hits"] == 2 and info["compiles"] == info["background_compiles"] == 0
 
 
-def _every_half(dtype, n=1 << 16):
+def _every_half(dtype, device, n=1 << 16):
     """Every 16-bit pattern (subnormals, NaN, ±Inf, ±0) in a shuffled order."""
     bits = torch.randperm(1 << 16)[:n].to(torch.int32) - (1 << 15)
-    return bits.to(torch.int16).view(dtype)
+    return bits.to(torch.int16).view(dtype).to(device)
 
 
 def _assert_bits(got, want):
@@ -453,9 +453,9 @@ def test_half_pairs_are_eagers_bit_for_bit(device, dtype, launches):
     """Vector kernels add, subtract and multiply float16/bfloat16 two at a time in one rounding
     (exact constants included), other ops in float rounded by one packing cvt: every 16-bit
     pattern against every other, as eager gives them."""
-    a, b = _every_half(dtype), _every_half(dtype)
-    row = _every_half(dtype, 256)
-    x = _every_half(dtype).view(256, 256)  # with a row operand: the strided vector entry
+    a, b = _every_half(dtype, device), _every_half(dtype, device)
+    row = _every_half(dtype, device, 256)
+    x = _every_half(dtype, device).view(256, 256)  # with a row operand: the strided vector entry
     cases = [
         (lambda a, b: (a * b, a + b, a - b, b - a * 0.5, 1.0 - a + b), a, b),  # pairs only
         (lambda a, b: a / (b + 2.0) * b + a * 0.044715, a, b),  # float ops between pairs
