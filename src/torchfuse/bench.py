@@ -169,9 +169,12 @@ def _sync(device: torch.device) -> None:
 
 
 def _block_seconds(call: Callable[[], Any], device: torch.device, calls: int) -> float:
-    """Seconds per call over ``calls`` back-to-back calls: device time on a GPU."""
+    """Seconds per call over ``calls`` back-to-back calls: device time on a GPU, from the end of
+    one call queued first (so that the first timed call's host work overlaps it, as every later
+    one's does)."""
     if device.type == "cuda":
         start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        call()
         start.record()
         for _ in range(calls):
             call()
