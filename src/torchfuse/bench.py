@@ -413,7 +413,11 @@ def _commit() -> str:
 
 
 def _ms(seconds: float | None) -> str:
-    return "—" if seconds is None else f"{seconds * 1e3:.2f}"
+    """Milliseconds to 0.01, or to three significant digits below 1 ms (GPU kernels)."""
+    if seconds is None:
+        return "—"
+    ms = seconds * 1e3
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
 
 
 def _us(seconds: float | None) -> str:
