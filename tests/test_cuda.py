@@ -107,6 +107,20 @@ def test_rows_with_a_broadcast_bias_get_a_vector_entry_first():
     assert "const float s = in2[o2];" in source  # the column scale: one load per vector
 
 
+def test_half_vector_kernels_compute_on_pairs():
+    """float16/bfloat16 add, sub and mul of halves (constants exact in the dtype included) run
+    on pairs; an inexact constant computes in float and one cvt rounds both results."""
+    x, y = torch.randn(4096).half(), torch.randn(4096).half()
+    source = _source(lambda a, b: a * b + a * 0.044715 + 1.0, x, y)
+    assert "const uint32_t h2 = tf_hmul2(h0, h1);" in source
+    assert "const uint32_t h3 = tf_hpack2(r3_0, r3_1);" in source  # 0.044715 is not a half
+    assert "tf_hadd2(h4, 0x3c003c00u)" in source  # 1.0 is
+    assert "tf_bfsub2(h0, h1)" in _source(lambda a, b: a - b, x.bfloat16(), y.bfloat16())
+    assert "pack2" not in _source(lambda a, b: a * b, x.float(), y.float())
+    mixed = _source(lambda a, b: a * b, x, y.float())  # computes in float32: no pairs
+    assert "= tf_hmul2(" not in mixed and "tf_hunpack2(h0, v0_0, v0_1)" in mixed
+
+
 def test_integer_division_source_reports_errors():
     x = torch.randint(1, 5, (100,))
     source = _source(lambda a, b: a // b, x, x)
