@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,16 @@ def adam_step(param, grad, exp_avg, exp_avg_sq):
 
 def where_mix(x, y):
     return torch.where(x > 0, torch.log1p(x) * y, torch.clamp(x * y, -1.0, 1.0))
+
+
+def four_groups(x, w):
+    """Four pointwise groups between two matrix products and a sum: a whole program's compile."""
+    a = F.gelu(x * 2 + 1)
+    b = a @ w
+    c = torch.sigmoid(b) * b + 3
+    e = torch.tanh(c - c.sum(-1, keepdim=True)) * 0.5
+    g = e @ w
+    return torch.relu(g) + g.exp()
 
 
 COLS = 1024  # the inner dimension of the 2-d workloads
@@ -560,6 +571,7 @@ def report(result: dict) -> str:
             "Compile (large size, cold caches). s/group = torchfuse's kernel compile per fusion "
             "group; first call = trace + compile + run.",
             compile_table(large),
+            *([program_line(result["program_compile_s"])] if "program_compile_s" in result else []),
         ]
     )
 
@@ -585,6 +597,32 @@ def warm_up(device: torch.device, root: str) -> dict[str, float]:
     return seconds
 
 
+def program_compile(device: torch.device, root: str) -> dict[str, float]:
+    """First call of ``four_groups`` on cold caches: torchfuse (its groups built side by side,
+    from the moment torch.compile binds them), torchfuse with each group built at its first
+    call (one after another, as before session 3), and Inductor."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(256, 256, generator=gen, device=device)
+    w = torch.randn(256, 256, generator=gen, device=device) / 16
+    seconds = {}
+    for name, backend, prebuild in (("torchfuse", "torchfuse", executor.prebuild),
+                                    ("torchfuse_one_by_one", "torchfuse", lambda *_: None),
+                                    ("inductor", "inductor", None)):
+        _settle()
+        torchfuse.clear_cache()  # no kernel of the last round in memory either
+        with mock.patch.object(executor, "prebuild", prebuild or executor.prebuild):
+            _, seconds[name], _ = compile_and_time(four_groups, [x, w], backend, root)
+    _settle()
+    return seconds
+
+
+def program_line(seconds: dict[str, float]) -> str:
+    return (f"A program of four fusion groups between two matrix products and a sum "
+            f"(`four_groups`), first call on cold caches: torchfuse {_s(seconds['torchfuse'])} s "
+            f"(each group built at its first call instead: "
+            f"{_s(seconds['torchfuse_one_by_one'])} s), Inductor {_s(seconds['inductor'])} s.")
+
+
 def run(device: torch.device, plan: Plan, only: Sequence[str] = ()) -> dict:
     chosen = workloads_for(device, only)
     info = machine(device)
@@ -593,6 +631,8 @@ def run(device: torch.device, plan: Plan, only: Sequence[str] = ()) -> dict:
         first = warm_up(device, root)
         _progress("measuring copy bandwidth ...")
         bandwidth = copy_bandwidth(device, 4 * plan.large, plan)
+        _progress("compiling a program of four groups ...")
+        program = program_compile(device, root)
         rows = []
         cases = [(w, n) for w in chosen for n in (plan.large, plan.small)]
         for k, (workload, n) in enumerate(cases, 1):
@@ -601,6 +641,7 @@ def run(device: torch.device, plan: Plan, only: Sequence[str] = ()) -> dict:
     return {
         "machine": info,
         "first_compile_s": first,
+        "program_compile_s": program,
         "copy_bandwidth": bandwidth,
         "load_average_end": _load(),
         "large": plan.large,

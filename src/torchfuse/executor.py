@@ -9,7 +9,10 @@ kernel cannot do goes to the fallback, which gives eager's result or raises eage
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -77,6 +80,7 @@ def bind(spec: KernelSpec, examples: Sequence, views: Sequence | None = None,
             key, device, numel, sizes, strides, outs = plan(spec, examples)
     except NoKernel:
         return None
+    prebuild(spec, key, len(outs), device)
     shapes = [tuple(t.shape) for t in arguments]
     layouts = [t.stride() for t in arguments]
     empty = devices.allocator(device)
@@ -108,6 +112,24 @@ def bind(spec: KernelSpec, examples: Sequence, views: Sequence | None = None,
     fusion.__name__ = f"fusion_{spec.key}"  # how the compiled graph's code names it
     fusion.fusion_key = spec.key  # what fusion.is_fusion_call looks for
     return fusion
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def prebuild(spec: KernelSpec, key: tuple, n_outputs: int, device: torch.device) -> None:
+    """Start building a bound runner's kernel on a thread, ahead of its first call: the groups
+    of a compiled graph compile side by side (NVRTC and the C compiler run outside the GIL), and
+    beside the rest of torch.compile's work. A first call that comes sooner waits for it."""
+    global _pool
+    if config.disable or spec.kernels.get(key) is not None:
+        return
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="torchfuse-build")
+    argspec = ArgSpec.from_key(key, n_outputs)
+    _pool.submit(spec.kernels.get_or_build, key, lambda: build(spec, argspec, device))
 
 
 def _static(t: torch.Tensor) -> bool:
