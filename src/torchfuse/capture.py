@@ -65,6 +65,14 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
             results.append(result)
     log(2, f"graph with {len(result.groups)} fusion group(s), {len(result.left_out)} op(s) left")
     graph = result.graph
+    # Several groups build their kernels side by side, now. A lone group builds at its first
+    # call, which comes next anyway: building it here would only contend for the GIL with the
+    # rest of torch.compile.
+    runners = [node.target for node in graph.graph.nodes
+               if node.op == "call_function" and hasattr(node.target, "prebuild")]
+    if len(runners) > 1:
+        for runner in runners:
+            runner.prebuild()
     if hasattr(graph, "real_recompile"):
         # A lazy GraphModule's forward goes through Module.__call__ on every call (µs each).
         graph.real_recompile()

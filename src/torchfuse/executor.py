@@ -8,6 +8,7 @@ kernel cannot do goes to the fallback, which gives eager's result or raises eage
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -80,7 +81,6 @@ def bind(spec: KernelSpec, examples: Sequence, views: Sequence | None = None,
             key, device, numel, sizes, strides, outs = plan(spec, examples)
     except NoKernel:
         return None
-    prebuild(spec, key, len(outs), device)
     shapes = [tuple(t.shape) for t in arguments]
     layouts = [t.stride() for t in arguments]
     empty = devices.allocator(device)
@@ -111,6 +111,7 @@ def bind(spec: KernelSpec, examples: Sequence, views: Sequence | None = None,
 
     fusion.__name__ = f"fusion_{spec.key}"  # how the compiled graph's code names it
     fusion.fusion_key = spec.key  # what fusion.is_fusion_call looks for
+    fusion.prebuild = functools.partial(prebuild, spec, key, len(outs), device)
     return fusion
 
 
@@ -119,9 +120,9 @@ _pool_lock = threading.Lock()
 
 
 def prebuild(spec: KernelSpec, key: tuple, n_outputs: int, device: torch.device) -> None:
-    """Start building a bound runner's kernel on a thread, ahead of its first call: the groups
-    of a compiled graph compile side by side (NVRTC and the C compiler run outside the GIL), and
-    beside the rest of torch.compile's work. A first call that comes sooner waits for it."""
+    """Start building a bound runner's kernel on a thread, ahead of its first call (a bound
+    runner's ``prebuild()``): the groups of a compiled graph compile side by side (NVRTC and
+    the C compiler run outside the GIL). A first call that comes sooner waits for it."""
     global _pool
     if config.disable or spec.kernels.get(key) is not None:
         return
