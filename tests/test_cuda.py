@@ -15,7 +15,7 @@ import torch
 
 import torchfuse
 from conftest import _tuple, assert_matches_eager, assert_same, make_input, trace
-from torchfuse import compiler, devices, interface
+from torchfuse import compiler, devices, executor, interface
 from torchfuse.cache import SPECS
 from torchfuse.codegen.cuda import PREAMBLE, CUDARenderer, is_flat, vector_width
 from torchfuse.config import override
@@ -43,6 +43,7 @@ def launches(monkeypatch):
         return original(self, entry, *args)
 
     monkeypatch.setattr(backend._Launcher, "_launch", spy)
+    monkeypatch.setattr(backend, "_quick", False)  # every launch through _launch
     return seen
 
 
@@ -331,6 +332,35 @@ def test_vector_entry_builds_in_the_background(cuda_fusion, launches):
         assert launches[-1] == "vector32"
         assert_same(torchfuse.run_fusion(key, x[1:])[0], fn(x[1:]))  # unaligned
         assert launches[-1] == "scalar32"
+
+
+@gpu
+def test_flat_calls_take_the_quick_path(cuda_fusion):
+    """A flat kernel that cannot fail launches straight through the native launcher: its vector
+    entry where every pointer is aligned, else its scalar one."""
+    x = torch.randn(4096, device="cuda")
+    fn = lambda t: torch.sigmoid(t) * t  # noqa: E731
+    key = torchfuse.register_fusion(trace(fn, x))
+    fused = _fused(fn, x)
+    fused(x)  # built, vector entry included
+    spec = SPECS[key]
+    launch = spec.kernels.get(executor.plan(spec, [x])[0]).launch
+    if not launch.quick:
+        pytest.skip("no native launcher here")
+    handles, native = [], launch.native
+
+    class Spy:
+        def cuda(self, cu_launch, handle, *rest):
+            handles.append(handle)
+            return native.cuda(cu_launch, handle, *rest)
+
+    launch.native = Spy()
+    try:
+        assert_same(fused(x)[0], fn(x))
+        assert_same(fused(x[1:])[0], fn(x[1:]))  # misaligned: scalar
+    finally:
+        launch.native = native
+    assert handles == [launch.kernels["vector32"][1], launch.scalar]
 
 
 @gpu

@@ -49,6 +49,7 @@ LAUNCH_FAILED = 2  # error code: the executor runs the fallback
 GRID_MAX = 2**31 - 1  # blocks in a grid's x dimension; the kernels loop past it
 ELF = b"\x7fELF"
 LAYOUTS_MAX = 4096  # memoised entry choices per kernel, cleared when full
+_quick = True  # flat launches' quick path (tests turn it off to see every launch's entry)
 
 
 @functools.lru_cache(maxsize=1)
@@ -324,6 +325,11 @@ class _Launcher:
         self.codes: list[object] = []  # keeps every loaded module alive
         self.lock = threading.Lock()
         self._add(self.entries[0], binary)
+        self.scalar = self.kernels["scalar32"][1]
+        # Flat kernels that cannot fail, launched natively: __call__'s quick path.
+        self.quick = (self.flat and not self.checked and self.native is not None
+                      and self.cu_launch is not None and self.scalar is not None
+                      and _raw_stream is not None)
         self.itemsizes = [int(n) for n in _header(source, "operand bytes")]
         self.width = VECTOR_BYTES // max(self.itemsizes)  # elements per thread, vector entry
         self.configs: dict[int, object] = {}
@@ -382,6 +388,20 @@ class _Launcher:
                 return self(numel, sizes, strides, tensors)
         _enter(self.index)
         pointers = [t if isinstance(t, int) else t.data_ptr() for t in tensors]
+        if self.quick and _quick and numel < INDEX_LIMIT:  # the common call, lean
+            vector = self.kernels.get("vector32")
+            if vector is not None and vector[1] is not None and aligned(pointers):
+                handle, work = vector[1], -(-numel // self.width)
+            else:
+                handle, work = self.scalar, numel
+            result = self.native.cuda(self.cu_launch, handle, min(-(-work // BLOCK), GRID_MAX),
+                                      BLOCK, _raw_stream(self.index), numel, sizes, (), strides,
+                                      pointers)
+            if result:
+                self._warn("torchfuse: a CUDA kernel launch failed, the fallback runs: "
+                           f"cuLaunchKernel returned CUresult {result}")
+                return LAUNCH_FAILED
+            return 0
         flag = torch.zeros(1, dtype=torch.int32, device=self.device) if self.checked else None
         try:
             if not self.flat:
