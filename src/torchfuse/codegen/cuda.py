@@ -191,9 +191,12 @@ def _half_bits(value: bool | int | float, dtype: torch.dtype) -> int | None:
     return int(half.view(torch.int16)) & 0xFFFF
 
 
+_VALUE = re.compile(r"\bv(\d+)\b")  # a value's name in an op's expression: v3
+
+
 def _nth(expr: str, j: int) -> str:
     """``expr`` over the values of the ``j``-th element of a pair: ``v3`` -> ``v3_<j>``."""
-    return re.sub(r"\bv(\d+)\b", rf"v\g<1>_{j}", expr)
+    return _VALUE.sub(rf"v\g<1>_{j}", expr)
 
 
 class CUDARenderer(CStyleRenderer):
@@ -408,7 +411,7 @@ class _Kernel:
         floats: set[int] = set()  # values whose two floats are there
 
         def unpack(expr: str) -> None:
-            for value in sorted({int(v) for v in re.findall(r"\bv(\d+)\b", expr)} - floats):
+            for value in sorted({int(v) for v in _VALUE.findall(expr)} - floats):
                 half = HALVES[typed.dtypes[value]]
                 lines.append(f"float v{value}_0, v{value}_1; "
                              f"tf_{half}unpack2(h{value}, v{value}_0, v{value}_1);")
