@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import time
 
 import pytest
@@ -106,6 +107,53 @@ def test_memoised_general_plan_follows_the_inputs(device):
         assert_same(torchfuse.run_fusion(key, small, big), fn(small, big))
     other = make_input((5, 1), torch.float32, device)
     assert_same(torchfuse.run_fusion(key, other, big), fn(other, big))
+
+
+def test_guarded_plans_follow_every_change_of_the_inputs(device, monkeypatch):
+    """A call whose inputs match a recent call's in dtype, shape, strides and device reuses its
+    plan (no Python planning); any change of those, made in place too, plans again."""
+    fn = lambda a, b: torch.exp(a) * b + 1  # noqa: E731
+    a, b = (make_input((6, 8), torch.float32, device) for _ in range(2))
+    key = torchfuse.register_fusion(trace(fn, a, b))
+    planned = []
+    real_plan = executor.plan
+    monkeypatch.setattr(executor, "plan", lambda *args: planned.append(1) or real_plan(*args))
+    assert_same(torchfuse.run_fusion(key, a, b), fn(a, b))
+    fresh = [make_input((6, 8), torch.float32, device) for _ in range(2)]
+    assert_same(torchfuse.run_fusion(key, *fresh), fn(*fresh))  # same metadata: guarded
+    assert len(planned) == 1
+    cases = [
+        lambda: (a.t(), b.t()),  # strides
+        lambda: (a.double(), b),  # dtype
+        lambda: (a[:, :4], b[:, :4]),  # shape and strides
+        lambda: (a, a),  # one tensor twice: the guard refuses, the plan serves it
+        lambda: (a.requires_grad_(), b),  # autograd: the fallback
+        lambda: (a.detach().resize_(8, 6), b.view(8, 6)),  # resized in place
+    ]
+    for case in cases:
+        with torch.enable_grad():
+            inputs = case()
+            want = fn(*inputs)
+            got = torchfuse.run_fusion(key, *inputs)
+        assert_same(got, want)
+        assert got[0].requires_grad == want.requires_grad
+        a.requires_grad_(False)
+    assert len(planned) == 1 + len(cases)
+
+
+def test_inputs_that_are_not_dense_memory_run_eagers_ops():
+    """Sparse tensors and lazily negated views hold no plain values in memory: eager's error,
+    eager's values."""
+    fn = lambda a, b: a * b + 1  # noqa: E731
+    x = torch.arange(4.0)
+    key = torchfuse.register_fusion(trace(fn, x, x + 1))
+    negated = torch._neg_view(x)
+    assert_same(torchfuse.run_fusion(key, negated, x), fn(negated, x))
+    sparse = x.to_sparse()
+    with pytest.raises(RuntimeError) as expected:
+        fn(sparse, x)
+    with pytest.raises(type(expected.value), match=re.escape(str(expected.value))):
+        torchfuse.run_fusion(key, sparse, x)
 
 
 def where_div(x, y, n):
