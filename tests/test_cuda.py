@@ -134,11 +134,22 @@ def test_source_needs_no_headers_under_nvrtc():
     assert "__CUDACC_RTC__" in PREAMBLE
 
 
-def test_vector_width_is_16_bytes_of_the_widest_operand():
+def test_vector_width_is_16_bytes_of_the_widest_operand_32_in_rows_of_halves():
     assert vector_width([torch.float32]) == 4
     assert vector_width([torch.float16, torch.float32]) == 4
     assert vector_width([torch.bool, torch.uint8]) == 16
     assert vector_width([torch.float64, torch.bool]) == 2
+    assert vector_width([torch.float16], flat=False) == 16  # rows of halves: 32 bytes
+    assert vector_width([torch.bfloat16, torch.bool], flat=False) == 16
+    assert vector_width([torch.float32, torch.float16], flat=False) == 4
+
+
+def test_rows_of_halves_move_32_bytes_a_thread():
+    x = torch.randn(16, 64).half()
+    source = _source(lambda a, b: a + b, x, x[0])
+    assert "// vector elements: 16" in source
+    assert "b0.all = *(const tf_uint4x2*)(in0 + o0);" in source
+    assert "// vector elements: 8" in _source(lambda a, b: a + b, x.flatten(), x.flatten())
 
 
 def test_flat_argspec_needs_rank_1_and_contiguous_operands():

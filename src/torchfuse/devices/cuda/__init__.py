@@ -39,7 +39,7 @@ import torch
 
 from ... import diskcache
 from ...cache import count
-from ...codegen.cuda import BLOCK, VECTOR_BYTES, CUDARenderer
+from ...codegen.cuda import BLOCK, CUDARenderer
 from ...config import log
 from .. import CompileError, launcher
 
@@ -331,7 +331,7 @@ class _Launcher:
                       and self.cu_launch is not None and self.scalar is not None
                       and _raw_stream is not None)
         self.itemsizes = [int(n) for n in _header(source, "operand bytes")]
-        self.width = VECTOR_BYTES // max(self.itemsizes)  # elements per thread, vector entry
+        self.width = int(_header(source, "vector elements")[0])  # per thread, vector entry
         self.configs: dict[int, object] = {}
         self.layouts: dict[tuple[int, ...], str] = {}  # sizes and strides -> entry point
         self.failed = False
