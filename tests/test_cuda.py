@@ -134,14 +134,18 @@ def test_source_needs_no_headers_under_nvrtc():
     assert "__CUDACC_RTC__" in PREAMBLE
 
 
-def test_vector_width_is_16_bytes_of_the_widest_operand_32_in_rows_of_halves():
-    assert vector_width([torch.float32]) == 4
-    assert vector_width([torch.float16, torch.float32]) == 4
-    assert vector_width([torch.bool, torch.uint8]) == 16
-    assert vector_width([torch.float64, torch.bool]) == 2
-    assert vector_width([torch.float16], flat=False) == 16  # rows of halves: 32 bytes
-    assert vector_width([torch.bfloat16, torch.bool], flat=False) == 16
-    assert vector_width([torch.float32, torch.float16], flat=False) == 4
+def test_vector_width_is_8_or_16_bytes_of_the_widest_operand_32_in_rows_of_halves():
+    f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+    assert vector_width([f32, f32], 1) == 4  # one input: 8 bytes would load too little
+    assert vector_width([f32, f32, f32], 2) == 2  # two: 8 bytes each
+    assert vector_width([f16, f32, f32], 2) == 4  # 4 + 2 bytes an element: 16 bytes
+    assert vector_width([f16, f16, f16], 2) == 4
+    assert vector_width([torch.bool, torch.uint8], 1) == 16
+    assert vector_width([f64, torch.bool], 1) == 2
+    assert vector_width([f64, f64, f64], 2) == 1
+    assert vector_width([f16, f16], 1, flat=False) == 16  # rows of halves: 32 bytes
+    assert vector_width([bf16, bf16, bf16, torch.bool], 3, flat=False) == 16
+    assert vector_width([f32, f32, f16], 2, flat=False) == 4
 
 
 def test_rows_of_halves_move_32_bytes_a_thread():
@@ -149,7 +153,7 @@ def test_rows_of_halves_move_32_bytes_a_thread():
     source = _source(lambda a, b: a + b, x, x[0])
     assert "// vector elements: 16" in source
     assert "b0.all = *(const tf_uint4x2*)(in0 + o0);" in source
-    assert "// vector elements: 8" in _source(lambda a, b: a + b, x.flatten(), x.flatten())
+    assert "// vector elements: 4" in _source(lambda a, b: a + b, x.flatten(), x.flatten() + 1)
 
 
 def test_flat_argspec_needs_rank_1_and_contiguous_operands():

@@ -5,19 +5,19 @@ Operands follow codegen/c.py: inputs, then outputs; sizes, then per-operand stri
 
     (int64 n, int64 size[R], int64 stride[K][R], pointer[K] [, int* error])
 
-A source holds up to three entry points over the same element body, each a grid-stride loop
-(the launcher gives it a thread per element or vector; the loop serves grids past the hardware's
-limit) under ``#ifdef TF_ENTRY_<name>``; the backend compiles one at a time (``scalar32`` when the
-kernel is built, ``vector32`` right after on a background thread, ``scalar64`` when a call first
-needs it) and the launcher picks one per call (devices/cuda). ``scalar32`` and ``scalar64``:
-one element per thread, 32- or 64-bit index arithmetic (turning an index into offsets is far
-cheaper in 32 bits). ``vector32``: each thread moves up to 16 bytes of every operand in one load
-or store, which needs aligned pointers; flat kernels (rank 1, every operand contiguous) have it
-and ``scalar32``, and index in 32 bits only (the launcher splits a call of 2**31 elements or more
-into chunks); strided kernels whose operands are all contiguous or broadcast along the inner
-dimension (a bias added to rows, a chunk of a wider tensor) have all three. Names start with
-``tf_``, or ``tf_checked_`` when the body can fail (integer division by zero): those take an
-error flag as last parameter.
+A source holds up to three entry points over the same element body, each a grid-stride loop (the
+launcher gives it a thread per element or vector; the loop serves grids past the hardware's
+limit) under ``#ifdef TF_ENTRY_<name>``; the backend compiles one at a time (``scalar32`` when
+the kernel is built, ``vector32`` right after on a background thread, ``scalar64`` when a call
+first needs it) and the launcher picks one per call (devices/cuda). ``scalar32`` and
+``scalar64``: one element per thread, 32- or 64-bit index arithmetic (turning an index into
+offsets is far cheaper in 32 bits). ``vector32``: each thread moves 8, 16 or 32 bytes of every
+operand in one or two loads or stores (``vector_width``), which needs 16-byte aligned pointers;
+flat kernels (rank 1, every operand contiguous) have it and ``scalar32``, and index in 32 bits
+only (the launcher splits a call of 2**31 elements or more into chunks); strided kernels whose
+operands are all contiguous or broadcast along the inner dimension (a bias added to rows, a
+chunk of a wider tensor) have all three. Names start with ``tf_``, or ``tf_checked_`` when the
+body can fail (integer division by zero): those take an error flag as last parameter.
 """
 
 from __future__ import annotations
@@ -160,15 +160,28 @@ _FLOAT_TO_INT = {
 LOAD_TYPES = {32: "tf_uint4x2", 16: "uint4", 8: "uint2", 4: "uint32_t", 2: "uint16_t", 1: "uint8_t"}
 
 
-def vector_width(dtypes, flat: bool = True) -> int:
-    """Elements per thread in a vector kernel: 16 bytes of the widest operand (one load or store
-    of each), or 32 (two) in a strided kernel whose widest operand is float16 or bfloat16. Such
-    a kernel computes in float, twice the work per byte of float32's, and unravels an index per
-    thread: 16 elements pay for it where 8 left a GELU over bias-added rows at 1.10x the copy
-    floor (H100: 1.10 -> 1.04). Not elsewhere: float32 rows went from 0.98 to 1.09 (LSTM cell,
-    seven operands: registers), flat float16 kernels from 1.033 to 1.042."""
+def vector_width(dtypes, n_inputs: int, flat: bool = True) -> int:
+    """Elements per thread in a vector kernel (``dtypes``: its operands, the first ``n_inputs``
+    of them loaded), in one load or store of each operand where it takes at most 16 bytes:
+
+    - flat kernels: 8 bytes of the widest operand where a thread then still loads 16 bytes or
+      more, else 16. More threads with less each fed the H100 better (gated, where_mix float32
+      0.993 -> 0.980x the copy floor, adam_step 1.005 -> 0.998), but a thread that loads only 8
+      bytes leaves too few bytes in flight (gelu_tanh, one input: 1.008 -> 1.066).
+    - strided kernels: 16 bytes of the widest operand, or 32 (two loads) where that is float16
+      or bfloat16. Such a kernel computes in float, twice the work per byte of float32's, and
+      unravels an index per thread: 16 elements pay for it where 8 left a GELU over bias-added
+      rows at 1.10x the floor (-> 1.04). Not elsewhere: float32 rows went from 0.98 to 1.09
+      (LSTM cell, seven operands: registers), flat float16 kernels from 1.033 to 1.042. Rows
+      cannot tell a streamed operand from a row reused by every row (a bias), so they keep 16
+      bytes (8 took bias_act_scale float32 from 1.008 to 1.080).
+    """
     widest = max(d.itemsize for d in dtypes)
-    return VECTOR_BYTES * (2 if widest == 2 and not flat else 1) // widest
+    if not flat:
+        return VECTOR_BYTES * (2 if widest == 2 else 1) // widest
+    narrow = max(1, VECTOR_BYTES // 2 // widest)
+    loaded = sum(d.itemsize for d in dtypes[:n_inputs])  # bytes per element
+    return narrow if narrow * loaded >= VECTOR_BYTES else VECTOR_BYTES // widest
 
 
 def entry_points(argspec: ArgSpec) -> list[str]:
@@ -220,7 +233,7 @@ class CUDARenderer(CStyleRenderer):
         code = "\n".join(kernel.lines())
         header = (f"// entry points: {' '.join(entry_points(argspec))}\n"
                   f"// operand bytes: {' '.join(str(d.itemsize) for d in kernel.dtypes)}\n"
-                  f"// vector elements: {vector_width(kernel.dtypes, kernel.flat)}")
+                  f"// vector elements: {kernel.width}")
         pairs = PAIRS if re.search(r"\btf_(h|bf)\w+2\(", code) else ""
         return "\n".join([header, self.preamble, helpers_for(code + pairs), pairs, "", code, ""])
 
@@ -237,6 +250,7 @@ class _Kernel:
         self.body = renderer.body(typed)
         self.checked = any("&err" in statement for statement in self.body)
         self.flat = is_flat(argspec)
+        self.width = vector_width(self.dtypes, self.n_in, self.flat)  # vector kernel's elements
 
     # ---- parameters --------------------------------------------------------------------------
 
@@ -334,7 +348,7 @@ class _Kernel:
         (every operand contiguous or broadcast along the inner dimension): the launcher runs
         them only where the inner size and the contiguous operands' other strides are multiples
         of ``width`` (so no vector straddles a row), and a broadcast operand is loaded once."""
-        width = vector_width(self.dtypes, self.flat)
+        width = self.width
         r, dtypes, n_in, flat = self.r, self.dtypes, self.n_in, self.flat
         words = [LOAD_TYPES[width * d.itemsize] for d in dtypes]
         inputs, outputs = range(n_in), range(n_in, len(dtypes))

@@ -5,10 +5,11 @@ NVIDIA's ``cuda-core`` and ``cuda-bindings`` (``pip install 'torchfuse[cuda]'``)
 first use, so a machine without them (or without a GPU) imports torchfuse fine, and
 ``can_fuse("cuda")`` is False with the reason.
 
-Each call picks one of the source's entry points (codegen/cuda.py): 16-byte vector loads where
-every pointer is aligned and (strided kernels) whole vectors tile the rows, else one element per
-thread; 32-bit index arithmetic while every element offset stays under 2**31, else 64-bit (flat
-kernels instead launch chunks of 2**30 elements). A kernel is ready to run once its scalar entry
+Each call picks one of the source's entry points (codegen/cuda.py): vector loads (the source
+names its elements per thread) where every pointer is 16-byte aligned and (strided kernels)
+whole vectors tile the rows, else one element per thread; 32-bit index arithmetic while every
+element offset stays under 2**31, else 64-bit (flat kernels instead launch chunks of 2**30
+elements). A kernel is ready to run once its scalar entry
 is compiled; the vector entry, several times slower to compile, follows on a background thread.
 Launches go through the native launcher (devices/launch.c: cuLaunchKernel with the arguments
 packed in C) where it is built, else through cuda.core. The grid has a thread for every element
