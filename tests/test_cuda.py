@@ -364,18 +364,18 @@ def test_flat_calls_take_the_quick_path(cuda_fusion):
         pytest.skip("no native launcher here")
     handles, native = [], launch.native
 
-    class Spy:
-        def cuda(self, cu_launch, handle, *rest):
-            handles.append(handle)
-            return native.cuda(cu_launch, handle, *rest)
+    class Spy:  # the entry is picked in C (test_executor checks how)
+        def cuda_flat(self, cu_launch, scalar, vector, *rest):
+            handles.append((scalar, vector))
+            return native.cuda_flat(cu_launch, scalar, vector, *rest)
 
     launch.native = Spy()
     try:
         assert_same(fused(x)[0], fn(x))
-        assert_same(fused(x[1:])[0], fn(x[1:]))  # misaligned: scalar
+        assert_same(fused(x[1:])[0], fn(x[1:]))  # misaligned: the scalar entry
     finally:
         launch.native = native
-    assert handles == [launch.kernels["vector32"][1], launch.scalar]
+    assert handles == [(launch.scalar, launch.kernels["vector32"][1])] * 2
 
 
 @gpu

@@ -4,8 +4,9 @@
  * machine and Python version, and kept in the on-disk cache. Without it the backends pack and
  * launch in Python; this saves the ctypes call and the argument packing (a few µs per call).
  *
- * Both entry points pack one int64 argument block: numel, the ints of each list given, then the
- * data pointer of each tensor (or the int given in its place).
+ * Every entry point packs one int64 argument block: numel, the ints of each list given, then the
+ * data pointer of each tensor (or the int given in its place). cuda_flat also picks a flat
+ * kernel's entry point and grid from the pointers, the whole of the CUDA quick path.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -110,9 +111,62 @@ static PyObject *cuda(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return PyLong_FromLong(result);
 }
 
+/* cuda_flat(cuLaunchKernel, scalar, vector, width, block, stream, numel, strides, tensors)
+ * -> CUresult: a flat kernel's launch (parameters: numel, its one size, the strides, the
+ * pointers), the whole of a call's work after the plan: its vector entry (``vector``; 0 until
+ * it is built), ``width`` elements a thread, where every pointer is 16-byte aligned, else its
+ * scalar entry; a thread per element or vector (blocks of ``block``, at most 2**31 - 1). */
+static PyObject *cuda_flat(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int64_t buf[MAX_ARGS];
+    void *params[MAX_ARGS];
+    Py_ssize_t pos = 0;
+    void *launch, *scalar, *vector, *stream;
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "cuda_flat(cuLaunchKernel, scalar, vector, width, block, "
+                                         "stream, numel, strides, tensors)");
+        return NULL;
+    }
+    if (as_address(args[0], &launch) < 0 || as_address(args[1], &scalar) < 0 ||
+        as_address(args[2], &vector) < 0 || as_address(args[5], &stream) < 0)
+        return NULL;
+    long long width = PyLong_AsLongLong(args[3]);
+    long long block = PyLong_AsLongLong(args[4]);
+    long long numel = PyLong_AsLongLong(args[6]);
+    if (PyErr_Occurred()) return NULL;
+    if (width < 1 || block < 1 || numel < 0) {
+        PyErr_SetString(PyExc_ValueError, "width and block must be positive, numel not negative");
+        return NULL;
+    }
+    buf[pos++] = numel;
+    buf[pos++] = numel; /* the one size */
+    if (pack(buf, &pos, args[7], 0) < 0) return NULL;
+    Py_ssize_t first = pos;
+    if (pack(buf, &pos, args[8], 1) < 0) return NULL;
+    if (numel == 0) return PyLong_FromLong(0);
+    int64_t bits = 0;
+    for (Py_ssize_t i = first; i < pos; i++) bits |= buf[i];
+    void *function = scalar;
+    long long work = numel;
+    if (vector != NULL && !(bits & 15)) {
+        function = vector;
+        work = (numel + width - 1) / width;
+    }
+    long long blocks = (work + block - 1) / block;
+    if (blocks > 2147483647LL) blocks = 2147483647LL;
+    for (Py_ssize_t i = 0; i < pos; i++) params[i] = &buf[i];
+    int result;
+    Py_BEGIN_ALLOW_THREADS
+    result = ((cu_launch_kernel)launch)(function, (unsigned)blocks, 1, 1, (unsigned)block, 1, 1,
+                                        0, stream, params, NULL);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(result);
+}
+
 static PyMethodDef methods[] = {
     {"cpu", (PyCFunction)(void (*)(void))cpu, METH_FASTCALL, "Call a generated C kernel."},
     {"cuda", (PyCFunction)(void (*)(void))cuda, METH_FASTCALL, "Launch a CUDA kernel."},
+    {"cuda_flat", (PyCFunction)(void (*)(void))cuda_flat, METH_FASTCALL,
+     "Launch a flat CUDA kernel: its vector entry where the pointers allow, else its scalar one."},
     {NULL, NULL, 0, NULL},
 };
 

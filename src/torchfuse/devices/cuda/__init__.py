@@ -325,6 +325,7 @@ class _Launcher:
         self.kernels: dict[str, tuple[object, int | None]] = {}  # entry -> (kernel, handle)
         self.codes: list[object] = []  # keeps every loaded module alive
         self.lock = threading.Lock()
+        self.vector = 0
         self._add(self.entries[0], binary)
         self.scalar = self.kernels["scalar32"][1]
         # Flat kernels that cannot fail, launched natively: __call__'s quick path.
@@ -362,6 +363,8 @@ class _Launcher:
         kernel = code.get_kernel(("tf_checked_" if self.checked else "tf_") + entry)
         self.codes.append(code)
         self.kernels[entry] = (kernel, _handle(kernel))
+        if entry == "vector32":  # the quick path's, 0 until then
+            self.vector = self.kernels[entry][1] or 0
 
     def _kernel(self, entry: str, background: bool = False) -> tuple[object, int | None]:
         found = self.kernels.get(entry)
@@ -388,21 +391,16 @@ class _Launcher:
             with torch.cuda.device(self.index):
                 return self(numel, sizes, strides, tensors)
         _enter(self.index)
-        pointers = [t if isinstance(t, int) else t.data_ptr() for t in tensors]
-        if self.quick and _quick and numel < INDEX_LIMIT:  # the common call, lean
-            vector = self.kernels.get("vector32")
-            if vector is not None and vector[1] is not None and aligned(pointers):
-                handle, work = vector[1], -(-numel // self.width)
-            else:
-                handle, work = self.scalar, numel
-            result = self.native.cuda(self.cu_launch, handle, min(-(-work // BLOCK), GRID_MAX),
-                                      BLOCK, _raw_stream(self.index), numel, sizes, (), strides,
-                                      pointers)
+        if self.quick and _quick and numel < INDEX_LIMIT:  # the common call: the rest in C
+            result = self.native.cuda_flat(self.cu_launch, self.scalar, self.vector, self.width,
+                                           BLOCK, _raw_stream(self.index), numel, strides,
+                                           tensors)
             if result:
                 self._warn("torchfuse: a CUDA kernel launch failed, the fallback runs: "
                            f"cuLaunchKernel returned CUresult {result}")
                 return LAUNCH_FAILED
             return 0
+        pointers = [t if isinstance(t, int) else t.data_ptr() for t in tensors]
         flag = torch.zeros(1, dtype=torch.int32, device=self.device) if self.checked else None
         try:
             if not self.flat:
