@@ -365,9 +365,9 @@ def test_flat_calls_take_the_quick_path(cuda_fusion):
     handles, native = [], launch.native
 
     class Spy:  # the entry is picked in C (test_executor checks how)
-        def cuda_flat(self, cu_launch, scalar, vector, *rest):
+        def cuda_pick(self, cu_launch, scalar, vector, *rest):
             handles.append((scalar, vector))
-            return native.cuda_flat(cu_launch, scalar, vector, *rest)
+            return native.cuda_pick(cu_launch, scalar, vector, *rest)
 
     launch.native = Spy()
     try:
@@ -376,6 +376,38 @@ def test_flat_calls_take_the_quick_path(cuda_fusion):
     finally:
         launch.native = native
     assert handles == [(launch.scalar, launch.kernels["vector32"][1])] * 2
+
+
+@gpu
+def test_strided_calls_take_the_quick_path(cuda_fusion):
+    """A strided kernel that cannot fail launches natively too, offered its vector entry where
+    the layout allows it (whole vectors tile the rows), its dividers for the unravelling."""
+    x = make_input((64, 96), torch.float32, "cuda")
+    fn = lambda a, b: torch.tanh(a + b)  # noqa: E731
+    fused = _fused(fn, x, x[0])
+    fused(x, x[0])
+    key = torchfuse.register_fusion(trace(fn, x, x[0]))
+    launch = SPECS[key].kernels.get(executor.plan(SPECS[key], [x, x[0]])[0]).launch
+    if not launch.quick:
+        pytest.skip("no native launcher here")
+    offered, native = [], launch.native
+
+    class Spy:
+        def cuda_pick(self, cu_launch, scalar, vector, width, block, stream, numel, sizes,
+                      magic, *rest):
+            offered.append((vector, list(sizes), list(magic)))
+            return native.cuda_pick(cu_launch, scalar, vector, width, block, stream, numel, sizes,
+                                    magic, *rest)
+
+    launch.native = Spy()
+    try:
+        assert_same(fused(x, x[0])[0], fn(x, x[0]))
+        odd = x[:, :94]  # rows of 94: no whole vectors
+        assert_same(fused(odd, odd[0].clone())[0], fn(odd, odd[0]))
+    finally:
+        launch.native = native
+    assert offered == [(launch.kernels["vector32"][1], [64, 96], backend.dividers((64, 96))),
+                       (0, [64, 94], backend.dividers((64, 94)))]
 
 
 @gpu

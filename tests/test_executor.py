@@ -204,7 +204,7 @@ def test_native_launcher_builds_here():
         native.cpu(0, 1, ["1"], [], [])
 
 
-def test_native_flat_cuda_launch_picks_the_entry_by_alignment():
+def test_native_cuda_launch_picks_the_entry_by_alignment():
     """The CUDA quick path's launch, checked on any machine: a stand-in for cuLaunchKernel
     records which entry the C code picked, its grid and the packed arguments."""
     import ctypes
@@ -219,27 +219,34 @@ def test_native_flat_cuda_launch_picks_the_entry_by_alignment():
                                  ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)
 
     def cu_launch_kernel(function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
-        args = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_int64))[0] for i in range(5)]
+        args = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_int64))[0] for i in range(6)]
         calls.append((function, gx, bx, stream, args))
         return 0
 
     stand_in = prototype(cu_launch_kernel)
     address = ctypes.cast(stand_in, ctypes.c_void_p).value
     x = torch.zeros(1001)
-    scalar, vector = 0x1000, 0x2000
-    assert native.cuda_flat(address, scalar, vector, 4, 256, 7, 1001, [1, 1], [x, x]) == 0
-    assert native.cuda_flat(address, scalar, vector, 4, 256, 7, 1000, [1, 1], [x[1:], x]) == 0
-    assert native.cuda_flat(address, scalar, 0, 4, 256, 7, 1001, [1, 1], [x, x]) == 0
     pointer = x.data_ptr()
     assert pointer % 16 == 0
+    scalar, vector = 0x1000, 0x2000
+
+    def pick(vector, numel, sizes, magic, strides, tensors):
+        return native.cuda_pick(address, scalar, vector, 4, 256, 7, numel, sizes, magic, strides,
+                                tensors)
+
+    assert pick(vector, 1001, [1001], [], [1, 1], [x, x]) == 0
+    assert pick(vector, 1000, [1000], [], [1, 1], [x[1:], x]) == 0
+    assert pick(0, 1001, [1001], [], [1, 1], [x, x]) == 0
+    assert pick(vector, 1000, [10, 100], [5, 9], [100, 1, 100, 1], [x, pointer + 32]) == 0
     assert calls == [
-        (vector, 1, 256, 7, [1001, 1001, 1, 1, pointer]),  # 251 vectors: one block
-        (scalar, 4, 256, 7, [1000, 1000, 1, 1, pointer + 4]),  # misaligned: an element a thread
-        (scalar, 4, 256, 7, [1001, 1001, 1, 1, pointer]),  # no vector entry yet
+        (vector, 1, 256, 7, [1001, 1001, 1, 1, pointer, pointer]),  # 251 vectors: one block
+        (scalar, 4, 256, 7, [1000, 1000, 1, 1, pointer + 4, pointer]),  # misaligned: elements
+        (scalar, 4, 256, 7, [1001, 1001, 1, 1, pointer, pointer]),  # no vector entry (yet)
+        (vector, 1, 256, 7, [1000, 10, 100, 5, 9, 100]),  # rows: sizes, dividers, strides
     ]
-    assert native.cuda_flat(address, scalar, vector, 4, 256, 7, 0, [1], [x]) == 0  # no launch
-    assert len(calls) == 3
+    assert pick(vector, 0, [0], [], [1], [x]) == 0  # nothing to launch
+    assert len(calls) == 4
     with pytest.raises(TypeError):
-        native.cuda_flat(address, scalar, vector, 4, 256, 7, 10, [1])
+        native.cuda_pick(address, scalar, vector, 4, 256, 7, 10, [10], [], [1])
     with pytest.raises(ValueError):
-        native.cuda_flat(address, scalar, vector, 0, 256, 7, 10, [1], [x])
+        native.cuda_pick(address, scalar, vector, 0, 256, 7, 10, [10], [], [1], [x])

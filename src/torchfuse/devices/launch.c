@@ -5,8 +5,8 @@
  * launch in Python; this saves the ctypes call and the argument packing (a few µs per call).
  *
  * Every entry point packs one int64 argument block: numel, the ints of each list given, then the
- * data pointer of each tensor (or the int given in its place). cuda_flat also picks a flat
- * kernel's entry point and grid from the pointers, the whole of the CUDA quick path.
+ * data pointer of each tensor (or the int given in its place). cuda_pick also picks the
+ * entry point and the grid from the pointers: the CUDA quick path.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -111,19 +111,20 @@ static PyObject *cuda(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return PyLong_FromLong(result);
 }
 
-/* cuda_flat(cuLaunchKernel, scalar, vector, width, block, stream, numel, strides, tensors)
- * -> CUresult: a flat kernel's launch (parameters: numel, its one size, the strides, the
- * pointers), the whole of a call's work after the plan: its vector entry (``vector``; 0 until
- * it is built), ``width`` elements a thread, where every pointer is 16-byte aligned, else its
- * scalar entry; a thread per element or vector (blocks of ``block``, at most 2**31 - 1). */
-static PyObject *cuda_flat(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+/* cuda_pick(cuLaunchKernel, scalar, vector, width, block, stream, numel, sizes, dividers,
+ *           strides, tensors) -> CUresult: the launch of a kernel that cannot fail, after the
+ * plan: its vector entry (``vector``; 0 until it is built, or where the layout does not allow
+ * it), ``width`` elements a thread, where every pointer is 16-byte aligned, else its scalar
+ * entry; a thread per element or vector (blocks of ``block``, at most 2**31 - 1 of them). The
+ * whole of the CUDA quick path but its memo of layouts. */
+static PyObject *cuda_pick(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     int64_t buf[MAX_ARGS];
     void *params[MAX_ARGS];
     Py_ssize_t pos = 0;
     void *launch, *scalar, *vector, *stream;
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "cuda_flat(cuLaunchKernel, scalar, vector, width, block, "
-                                         "stream, numel, strides, tensors)");
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "cuda_pick(cuLaunchKernel, scalar, vector, width, block, "
+                                         "stream, numel, sizes, dividers, strides, tensors)");
         return NULL;
     }
     if (as_address(args[0], &launch) < 0 || as_address(args[1], &scalar) < 0 ||
@@ -138,10 +139,11 @@ static PyObject *cuda_flat(PyObject *self, PyObject *const *args, Py_ssize_t nar
         return NULL;
     }
     buf[pos++] = numel;
-    buf[pos++] = numel; /* the one size */
-    if (pack(buf, &pos, args[7], 0) < 0) return NULL;
+    if (pack(buf, &pos, args[7], 0) < 0 || pack(buf, &pos, args[8], 0) < 0 ||
+        pack(buf, &pos, args[9], 0) < 0)
+        return NULL;
     Py_ssize_t first = pos;
-    if (pack(buf, &pos, args[8], 1) < 0) return NULL;
+    if (pack(buf, &pos, args[10], 1) < 0) return NULL;
     if (numel == 0) return PyLong_FromLong(0);
     int64_t bits = 0;
     for (Py_ssize_t i = first; i < pos; i++) bits |= buf[i];
@@ -165,8 +167,8 @@ static PyObject *cuda_flat(PyObject *self, PyObject *const *args, Py_ssize_t nar
 static PyMethodDef methods[] = {
     {"cpu", (PyCFunction)(void (*)(void))cpu, METH_FASTCALL, "Call a generated C kernel."},
     {"cuda", (PyCFunction)(void (*)(void))cuda, METH_FASTCALL, "Launch a CUDA kernel."},
-    {"cuda_flat", (PyCFunction)(void (*)(void))cuda_flat, METH_FASTCALL,
-     "Launch a flat CUDA kernel: its vector entry where the pointers allow, else its scalar one."},
+    {"cuda_pick", (PyCFunction)(void (*)(void))cuda_pick, METH_FASTCALL,
+     "Launch a CUDA kernel: its vector entry where the pointers allow, else its scalar one."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -50,7 +50,7 @@ LAUNCH_FAILED = 2  # error code: the executor runs the fallback
 GRID_MAX = 2**31 - 1  # blocks in a grid's x dimension; the kernels loop past it
 ELF = b"\x7fELF"
 LAYOUTS_MAX = 4096  # memoised entry choices per kernel, cleared when full
-_quick = True  # flat launches' quick path (tests turn it off to see every launch's entry)
+_quick = True  # the quick path of launches (tests turn it off to see every launch's entry)
 
 
 @functools.lru_cache(maxsize=1)
@@ -328,14 +328,14 @@ class _Launcher:
         self.vector = 0
         self._add(self.entries[0], binary)
         self.scalar = self.kernels["scalar32"][1]
-        # Flat kernels that cannot fail, launched natively: __call__'s quick path.
-        self.quick = (self.flat and not self.checked and self.native is not None
+        # Kernels that cannot fail, launched natively: __call__'s quick path.
+        self.quick = (not self.checked and self.native is not None
                       and self.cu_launch is not None and self.scalar is not None
                       and _raw_stream is not None)
         self.itemsizes = [int(n) for n in _header(source, "operand bytes")]
         self.width = int(_header(source, "vector elements")[0])  # per thread, vector entry
         self.configs: dict[int, object] = {}
-        self.layouts: dict[tuple[int, ...], str] = {}  # sizes and strides -> entry point
+        self.layouts: dict[tuple[int, ...], tuple] = {}  # sizes, strides -> entry, dividers
         self.failed = False
         self.background = None
         if "vector32" in self.entries:
@@ -391,25 +391,26 @@ class _Launcher:
             with torch.cuda.device(self.index):
                 return self(numel, sizes, strides, tensors)
         _enter(self.index)
-        if self.quick and _quick and numel < INDEX_LIMIT:  # the common call: the rest in C
-            result = self.native.cuda_flat(self.cu_launch, self.scalar, self.vector, self.width,
-                                           BLOCK, _raw_stream(self.index), numel, strides,
-                                           tensors)
-            if result:
-                self._warn("torchfuse: a CUDA kernel launch failed, the fallback runs: "
-                           f"cuLaunchKernel returned CUresult {result}")
-                return LAUNCH_FAILED
-            return 0
+        if self.quick and _quick:  # the common call: the rest in C
+            if self.flat:
+                entry, magic = "vector32" if numel < INDEX_LIMIT else "scalar64", ()
+            else:
+                entry, magic = self._layout(numel, sizes, strides)
+            if entry != "scalar64":
+                vector = self.vector if entry == "vector32" else 0
+                result = self.native.cuda_pick(self.cu_launch, self.scalar, vector, self.width,
+                                               BLOCK, _raw_stream(self.index), numel, sizes,
+                                               magic, strides, tensors)
+                if result:
+                    self._warn("torchfuse: a CUDA kernel launch failed, the fallback runs: "
+                               f"cuLaunchKernel returned CUresult {result}")
+                    return LAUNCH_FAILED
+                return 0
         pointers = [t if isinstance(t, int) else t.data_ptr() for t in tensors]
         flag = torch.zeros(1, dtype=torch.int32, device=self.device) if self.checked else None
         try:
             if not self.flat:
-                layout = (*sizes, *strides)
-                entry = self.layouts.get(layout)
-                if entry is None:
-                    if len(self.layouts) >= LAYOUTS_MAX:
-                        self.layouts.clear()
-                    entry = self.layouts[layout] = self._entry(numel, sizes, strides)
+                entry = self._layout(numel, sizes, strides)[0]
                 if entry == "vector32" and ("vector32" not in self.kernels
                                             or not aligned(pointers)):
                     entry = "scalar32"
@@ -429,11 +430,22 @@ class _Launcher:
             return LAUNCH_FAILED
         return int(flag.item()) if flag is not None else 0  # item() waits for the kernel
 
+    def _layout(self, numel: int, sizes: list[int], strides: list[int]) -> tuple[str, list]:
+        """A strided kernel's entry point for this layout and its dividers (memoised per layout:
+        the executor's plans repeat)."""
+        layout = (*sizes, *strides)
+        found = self.layouts.get(layout)
+        if found is None:
+            if len(self.layouts) >= LAYOUTS_MAX:
+                self.layouts.clear()
+            found = self.layouts[layout] = (self._entry(numel, sizes, strides),
+                                            dividers(tuple(sizes)))
+        return found
+
     def _entry(self, numel: int, sizes: list[int], strides: list[int]) -> str:
-        """A strided kernel's entry point for this layout (memoised per layout: the executor's
-        plans repeat), before the pointers' alignment is known. Vectors need whole vectors to
-        tile every row: the inner size, and each contiguous operand's other strides, multiples
-        of the vector width."""
+        """A strided kernel's entry point for this layout, before the pointers' alignment is
+        known. Vectors need whole vectors to tile every row: the inner size, and each
+        contiguous operand's other strides, multiples of the vector width."""
         if needs_64bit(numel, sizes, strides):
             return "scalar64"
         rank, width = len(sizes), self.width
