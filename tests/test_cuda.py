@@ -136,16 +136,28 @@ def test_source_needs_no_headers_under_nvrtc():
 
 def test_vector_width_is_8_or_16_bytes_of_the_widest_operand_32_in_rows_of_halves():
     f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
-    assert vector_width([f32, f32], 1) == 4  # one input: 8 bytes would load too little
-    assert vector_width([f32, f32, f32], 2) == 2  # two: 8 bytes each
-    assert vector_width([f16, f32, f32], 2) == 4  # 4 + 2 bytes an element: 16 bytes
-    assert vector_width([f16, f16, f16], 2) == 4
+    assert vector_width([f32, f32], 4) == 4  # one input: 8 bytes would load too little
+    assert vector_width([f32, f32, f32], 8) == 2  # two: 8 bytes each
+    assert vector_width([f16, f32, f32], 6) == 4  # 8 bytes of the widest would load 12
+    assert vector_width([f16, f16, f16], 4) == 4
     assert vector_width([torch.bool, torch.uint8], 1) == 16
-    assert vector_width([f64, torch.bool], 1) == 2
-    assert vector_width([f64, f64, f64], 2) == 1
-    assert vector_width([f16, f16], 1, flat=False) == 16  # rows of halves: 32 bytes
-    assert vector_width([bf16, bf16, bf16, torch.bool], 3, flat=False) == 16
-    assert vector_width([f32, f32, f16], 2, flat=False) == 4
+    assert vector_width([f64, torch.bool], 8) == 2
+    assert vector_width([f64, f64, f64], 16) == 1
+    assert vector_width([f16, f16, f16], 2, flat=False) == 16  # rows of halves: 32 bytes
+    assert vector_width([bf16, bf16, bf16, torch.bool], 4, flat=False) == 8
+    assert vector_width([f32, f32, f16], 4, flat=False) == 4
+    assert vector_width([f32] * 7, 20, flat=False) == 2
+
+
+def test_inputs_reused_by_every_row_do_not_count_as_streamed():
+    x = torch.randn(16, 64)
+    bias = _source(lambda a, b: a + b, x, x[0])  # the row is read again by every row
+    assert "// vector elements: 4" in bias
+    rows = _source(lambda a, b: a + b, x[:, :60], x[:, 2:62])  # both streamed
+    assert "// vector elements: 2" in rows
+    spec = compiler.register(trace(lambda a, b: a + b, x, x[0]))
+    argspec, _ = interface.argspec_of(spec, [x, x[0]])
+    assert [d.reused for d in argspec.inputs] == [False, True]
 
 
 def test_rows_of_halves_move_32_bytes_a_thread():

@@ -321,7 +321,8 @@ def _layout(spec, shapes, input_strides, device_key, dtypes) -> tuple:
         zero_dim = (False,) * n_in  # only a mix of 0-d and n-d changes type promotion
     flat = (len(sizes) == 1 and all(c == CONTIG for c in inner) and not any(zero_dim)
             and all(o == (CONTIG, False) for o in outputs))
-    layout = None if flat else (len(sizes), inner, zero_dim, outputs)
+    reused = tuple(0 in m[:-1] for m in merged[:n_in])
+    layout = None if flat else (len(sizes), inner, zero_dim, reused, outputs)
     flat_strides = [s for m in merged for s in m]
     return (device_key, dtypes, layout), math.prod(shape), sizes, flat_strides, outs
 

@@ -24,14 +24,17 @@ STRIDED = "x"  # any other stride, passed at run time
 
 @dataclasses.dataclass(frozen=True)
 class TensorDesc:
-    """One input: its dtype, how it walks the inner dimension, and whether it is 0-d.
+    """One input: its dtype, how it walks the inner dimension, whether it is 0-d, and whether
+    it is *reused*: broadcast along an outer dimension, so every row reads it again (a bias).
 
-    0-d-ness matters because a 0-d tensor takes a weaker part in type promotion.
+    0-d-ness matters because a 0-d tensor takes a weaker part in type promotion; reuse, because
+    a reused input is read from cache, not streamed from memory (CUDA's vector width).
     """
 
     dtype: torch.dtype
     inner: str = CONTIG
     zero_dim: bool = False
+    reused: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +59,8 @@ class ArgSpec:
         if layout is None:
             descs = tuple(TensorDesc(d) for d in dtypes)
             return ArgSpec(device, 1, descs, ((CONTIG, False),) * n_outputs)
-        rank, inner, zero_dim, outputs = layout
-        descs = tuple(TensorDesc(d, i, z) for d, i, z in zip(dtypes, inner, zero_dim))
+        rank, inner, zero_dim, reused, outputs = layout
+        descs = tuple(TensorDesc(*desc) for desc in zip(dtypes, inner, zero_dim, reused))
         return ArgSpec(device, rank, descs, outputs)
 
 

@@ -160,28 +160,25 @@ _FLOAT_TO_INT = {
 LOAD_TYPES = {32: "tf_uint4x2", 16: "uint4", 8: "uint2", 4: "uint32_t", 2: "uint16_t", 1: "uint8_t"}
 
 
-def vector_width(dtypes, n_inputs: int, flat: bool = True) -> int:
-    """Elements per thread in a vector kernel (``dtypes``: its operands, the first ``n_inputs``
-    of them loaded), in one load or store of each operand where it takes at most 16 bytes:
+def vector_width(dtypes, streamed: int, flat: bool = True) -> int:
+    """Elements per thread in a vector kernel (``dtypes``: its operands; ``streamed``: the bytes
+    per element of the inputs it streams from memory, which are neither broadcast nor reused by
+    every row): 8 bytes of the widest operand where a thread then still loads 16 bytes or more,
+    else 16 (one load or store of each operand); twice that (two) in a strided kernel whose
+    widest operand is float16 or bfloat16. Measured on the H100, x the copy floor:
 
-    - flat kernels: 8 bytes of the widest operand where a thread then still loads 16 bytes or
-      more, else 16. More threads with less each fed the H100 better (gated, where_mix float32
-      0.993 -> 0.980x the copy floor, adam_step 1.005 -> 0.998), but a thread that loads only 8
-      bytes leaves too few bytes in flight (gelu_tanh, one input: 1.008 -> 1.066).
-    - strided kernels: 16 bytes of the widest operand, or 32 (two loads) where that is float16
-      or bfloat16. Such a kernel computes in float, twice the work per byte of float32's, and
-      unravels an index per thread: 16 elements pay for it where 8 left a GELU over bias-added
-      rows at 1.10x the floor (-> 1.04). Not elsewhere: float32 rows went from 0.98 to 1.09
-      (LSTM cell, seven operands: registers), flat float16 kernels from 1.033 to 1.042. Rows
-      cannot tell a streamed operand from a row reused by every row (a bias), so they keep 16
-      bytes (8 took bias_act_scale float32 from 1.008 to 1.080).
+    - More threads that move less each fed the memory better (gated, where_mix float32 0.993 ->
+      0.980, adam_step 1.005 -> 0.998; LSTM cell rows float32 0.983 -> 0.974), but a thread
+      that loads only 8 bytes leaves too few bytes in flight (gelu_tanh, one input: 1.008 ->
+      1.066; a bias added to rows, one streamed input: 1.008 -> 1.080).
+    - Strided float16/bfloat16 kernels compute in float, twice the work per byte of float32's,
+      and unravel an index per thread: 16 elements pay for it where 8 left a GELU over
+      bias-added rows at 1.10 (-> 1.04). Not in flat kernels (gelu_tanh float16 1.033 -> 1.042).
     """
     widest = max(d.itemsize for d in dtypes)
-    if not flat:
-        return VECTOR_BYTES * (2 if widest == 2 else 1) // widest
     narrow = max(1, VECTOR_BYTES // 2 // widest)
-    loaded = sum(d.itemsize for d in dtypes[:n_inputs])  # bytes per element
-    return narrow if narrow * loaded >= VECTOR_BYTES else VECTOR_BYTES // widest
+    width = narrow if narrow * streamed >= VECTOR_BYTES else VECTOR_BYTES // widest
+    return width * 2 if widest == 2 and not flat else width
 
 
 def entry_points(argspec: ArgSpec) -> list[str]:
@@ -250,7 +247,9 @@ class _Kernel:
         self.body = renderer.body(typed)
         self.checked = any("&err" in statement for statement in self.body)
         self.flat = is_flat(argspec)
-        self.width = vector_width(self.dtypes, self.n_in, self.flat)  # vector kernel's elements
+        streamed = sum(d.dtype.itemsize for d in argspec.inputs
+                       if d.inner == CONTIG and not d.reused)
+        self.width = vector_width(self.dtypes, streamed, self.flat)  # vector kernel's elements
 
     # ---- parameters --------------------------------------------------------------------------
 
