@@ -9,8 +9,8 @@ Each call picks one of the source's entry points (codegen/cuda.py): vector loads
 names its elements per thread) where every pointer is 16-byte aligned and (strided kernels)
 whole vectors tile the rows, else one element per thread; 32-bit index arithmetic while every
 element offset stays under 2**31, else 64-bit (flat kernels instead launch chunks of 2**30
-elements). A kernel is ready to run once its scalar entry
-is compiled; the vector entry, several times slower to compile, follows on a background thread.
+elements). A kernel is ready to run once its scalar entry is compiled; the vector entry, several
+times slower to compile, follows on a background thread.
 Launches go through the native launcher (devices/launch.c: cuLaunchKernel with the arguments
 packed in C) where it is built, else through cuda.core. The grid has a thread for every element
 (or vector), and the block scheduler keeps every multiprocessor fed to the end: a grid of only
@@ -392,11 +392,8 @@ class _Launcher:
                 return self(numel, sizes, strides, tensors)
         _enter(self.index)
         if self.quick and _quick:  # the common call: the rest in C
-            if self.flat:
-                entry, magic = "vector32" if numel < INDEX_LIMIT else "scalar64", ()
-            else:
-                entry, magic = self._layout(numel, sizes, strides)
-            if entry != "scalar64":
+            entry, magic = ("vector32", ()) if self.flat else self._layout(numel, sizes, strides)
+            if entry != "scalar64" and numel < INDEX_LIMIT:  # else 64-bit or chunks: below
                 vector = self.vector if entry == "vector32" else 0
                 result = self.native.cuda_pick(self.cu_launch, self.scalar, vector, self.width,
                                                BLOCK, _raw_stream(self.index), numel, sizes,
