@@ -4,9 +4,9 @@
  * machine and Python version, and kept in the on-disk cache. Without it the backends pack and
  * launch in Python; this saves the ctypes call and the argument packing (a few µs per call).
  *
- * Every entry point packs one int64 argument block: numel, the ints of each list given, then the
- * data pointer of each tensor (or the int given in its place). cuda_pick also picks the
- * entry point and the grid from the pointers: the CUDA quick path.
+ * Both entry points pack one int64 argument block: numel, the ints of each list given, then the
+ * data pointer of each tensor (or the int given in its place); cuda_pick also picks the CUDA
+ * kernel's entry point and grid from the pointers.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -79,44 +79,12 @@ typedef int (*cu_launch_kernel)(void *f, unsigned gx, unsigned gy, unsigned gz, 
                                 unsigned by, unsigned bz, unsigned shared, void *stream,
                                 void **params, void **extra);
 
-/* cuda(cuLaunchKernel, function, grid, block, stream, numel, sizes, dividers, strides, tensors)
- * -> CUresult. Every kernel parameter is one value of the int64 block: the driver copies each
- * parameter's own size from its slot, so 32-bit parameters get the low half (little endian). */
-static PyObject *cuda(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    int64_t buf[MAX_ARGS];
-    void *params[MAX_ARGS];
-    Py_ssize_t pos = 0;
-    void *launch, *function, *stream;
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "cuda(cuLaunchKernel, function, grid, block, stream, "
-                                         "numel, sizes, dividers, strides, tensors)");
-        return NULL;
-    }
-    if (as_address(args[0], &launch) < 0 || as_address(args[1], &function) < 0) return NULL;
-    unsigned long grid = PyLong_AsUnsignedLong(args[2]);
-    unsigned long block = PyLong_AsUnsignedLong(args[3]);
-    if (PyErr_Occurred()) return NULL;
-    stream = PyLong_AsVoidPtr(args[4]);
-    buf[pos++] = PyLong_AsLongLong(args[5]);
-    if (PyErr_Occurred()) return NULL;
-    if (pack(buf, &pos, args[6], 0) < 0 || pack(buf, &pos, args[7], 0) < 0 ||
-        pack(buf, &pos, args[8], 0) < 0 || pack(buf, &pos, args[9], 1) < 0)
-        return NULL;
-    for (Py_ssize_t i = 0; i < pos; i++) params[i] = &buf[i];
-    int result;
-    Py_BEGIN_ALLOW_THREADS
-    result = ((cu_launch_kernel)launch)(function, (unsigned)grid, 1, 1, (unsigned)block, 1, 1, 0,
-                                        stream, params, NULL);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromLong(result);
-}
-
 /* cuda_pick(cuLaunchKernel, scalar, vector, width, block, stream, numel, sizes, dividers,
- *           strides, tensors) -> CUresult: the launch of a kernel that cannot fail, after the
- * plan: its vector entry (``vector``; 0 until it is built, or where the layout does not allow
- * it), ``width`` elements a thread, where every pointer is 16-byte aligned, else its scalar
- * entry; a thread per element or vector (blocks of ``block``, at most 2**31 - 1 of them). The
- * whole of the CUDA quick path but its memo of layouts. */
+ *           strides, tensors) -> CUresult: a CUDA kernel's launch: its vector entry
+ * (``vector``; 0 until it is built, or where the layout does not allow it), ``width`` elements
+ * a thread, where every pointer is 16-byte aligned, else its scalar entry; a thread per element
+ * or vector (blocks of ``block``, at most 2**31 - 1 of them). The whole of the CUDA quick path
+ * but its memo of layouts; the general path passes the one entry it chose. */
 static PyObject *cuda_pick(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     int64_t buf[MAX_ARGS];
     void *params[MAX_ARGS];
@@ -166,7 +134,6 @@ static PyObject *cuda_pick(PyObject *self, PyObject *const *args, Py_ssize_t nar
 
 static PyMethodDef methods[] = {
     {"cpu", (PyCFunction)(void (*)(void))cpu, METH_FASTCALL, "Call a generated C kernel."},
-    {"cuda", (PyCFunction)(void (*)(void))cuda, METH_FASTCALL, "Launch a CUDA kernel."},
     {"cuda_pick", (PyCFunction)(void (*)(void))cuda_pick, METH_FASTCALL,
      "Launch a CUDA kernel: its vector entry where the pointers allow, else its scalar one."},
     {NULL, NULL, 0, NULL},

@@ -468,9 +468,12 @@ class _Launcher:
         try:
             if self.native is not None and self.cu_launch is not None and handle is not None:
                 stream = _raw_stream(self.index) if _raw_stream else int(_stream(self.index).handle)
-                magic = dividers(tuple(sizes)) if len(sizes) > 1 else ()
-                result = self.native.cuda(self.cu_launch, handle, blocks, BLOCK, stream,
-                                          numel, sizes, magic, strides, pointers)
+                # the caller checked the pointers for a vector entry: cuda_pick launches it
+                vector = handle if entry == "vector32" else 0
+                scalar = (self.scalar or 0) if vector else handle
+                result = self.native.cuda_pick(self.cu_launch, scalar, vector, self.width, BLOCK,
+                                               stream, numel, sizes, dividers(tuple(sizes)),
+                                               strides, pointers)
                 if result:
                     raise RuntimeError(f"cuLaunchKernel returned CUresult {result}")
             else:
