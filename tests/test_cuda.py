@@ -281,7 +281,8 @@ def test_nvrtc_error_warns_once_then_falls_back(cuda_fusion, monkeypatch, capsys
     fn = lambda a: a * 1.25 - 0.0625  # noqa: E731
     fused = _fused(fn, x)
     torchfuse.clear_cache()
-    with override(debug=4), pytest.warns(RuntimeWarning, match="fallback"):
+    # NVRTC compiles every entry (the PTX one does not read the C preamble)
+    with override(debug=4, ptx=False), pytest.warns(RuntimeWarning, match="fallback"):
         assert_same(fused(x)[0], fn(x))
     err = capsys.readouterr().err
     assert "broken on purpose" in err  # the source (debug 4) and NVRTC's log
@@ -290,6 +291,25 @@ def test_nvrtc_error_warns_once_then_falls_back(cuda_fusion, monkeypatch, capsys
         warnings.simplefilter("error")
         assert_same(fused(x)[0], fn(x))  # no second warning
     assert torchfuse.cache_info()["fallbacks"] >= 2
+
+
+@gpu
+def test_scalar_entry_is_assembled_from_ptx_else_compiled_by_nvrtc(cuda_fusion, monkeypatch):
+    x = make_input((300,), torch.float32, "cuda")
+    fn = lambda a: torch.tanh(a) * 1.25  # noqa: E731
+    fused = _fused(fn, x)
+    with override(cache=False):
+        torchfuse.clear_cache()
+        assert_same(fused(x)[0], fn(x))
+        assert torchfuse.cache_info()["assembled"] == 1
+        # ptxas refuses the module: NVRTC compiles the C entry, no warning, same values
+        monkeypatch.setattr(backend.ptx, "link", lambda entry, library: "not PTX")
+        torchfuse.clear_cache()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert_same(fused(x)[0], fn(x))
+        assert torchfuse.cache_info()["assembled"] == 0
+        assert torchfuse.cache_info()["compiles"] == 1
 
 
 @gpu

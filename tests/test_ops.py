@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import torchfuse
 from conftest import (
     assert_matches_eager,
     assert_same,
@@ -21,7 +22,11 @@ from conftest import (
     run_registered,
     trace,
 )
-from torchfuse import ops
+from torchfuse import devices, ops
+from torchfuse.cache import SPECS
+from torchfuse.codegen.cuda import PTX_MARK
+from torchfuse.config import override
+from torchfuse.devices import cuda as cuda_backend
 from torchfuse.ir import from_fx
 
 aten = torch.ops.aten
@@ -173,6 +178,37 @@ def test_op_dtypes(name, dtype, device):
     assert_matches_eager(fn, *_inputs(name, arity, dtype, device=device))
 
 
+def _scalar_ptx_against_nvrtc(fn, inputs, monkeypatch) -> None:
+    """The CUDA scalar32 entry assembled from PTX (codegen/ptx.py) computes NVRTC's values of
+    the same C entry, bit for bit; only scalar32 runs (no vector entry is built)."""
+    reason = devices.why_not("cuda")
+    if reason:
+        pytest.skip(reason)
+    try:
+        fn(*inputs)
+    except Exception:  # eager refuses: test_op_dtypes checks that we do too
+        return
+    monkeypatch.setattr(cuda_backend._Launcher, "_build_vector", lambda self: None)
+    results, assembled = [], []
+    for ptx in (True, False):
+        with override(ptx=ptx, cache=False):  # compiled here, not read from disk
+            torchfuse.clear_cache()
+            results.append(run_registered(fn, *inputs))
+            assembled.append(torchfuse.cache_info()["assembled"])
+    sources = [k.source for spec in SPECS.specs() for k in spec.kernels.values()]
+    if any(PTX_MARK in source for source in sources):
+        assert assembled == [1, 0]
+    for a, b in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name,dtype", PARAMS)
+def test_op_dtypes_scalar_ptx(name, dtype, monkeypatch):
+    fn, arity, _ = CASES[name]
+    _scalar_ptx_against_nvrtc(fn, _inputs(name, arity, dtype, device="cuda"), monkeypatch)
+
+
 def _layouts(arity, dtype, device):
     """(label, inputs) for every layout a kernel must handle."""
     def mk(shape, **kw):
@@ -204,6 +240,19 @@ def test_op_layouts(name, device):
             inputs[1] = torch.where(inputs[1] == 0, torch.ones_like(inputs[1]), inputs[1])
         try:
             assert_matches_eager(fn, *inputs)
+        except AssertionError as error:
+            raise AssertionError(f"layout {label}: {error}") from error
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(CASES))
+def test_op_layouts_scalar_ptx(name, monkeypatch):
+    fn, arity, _ = CASES[name]
+    for label, inputs in _layouts(arity, LAYOUT_DTYPE[name], "cuda"):
+        if name in DIVIDES and len(inputs) > 1:
+            inputs[1] = torch.where(inputs[1] == 0, torch.ones_like(inputs[1]), inputs[1])
+        try:
+            _scalar_ptx_against_nvrtc(fn, inputs, monkeypatch)
         except AssertionError as error:
             raise AssertionError(f"layout {label}: {error}") from error
 

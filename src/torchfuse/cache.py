@@ -25,6 +25,7 @@ class Stats:
     disk_hits: int = 0  # kernels loaded from the on-disk cache instead of compiled
     background_compiles: int = 0  # compiled on a thread while the kernel already runs (CUDA's
     background_seconds: float = 0.0  # vector entry points), not on any caller's path
+    assembled: int = 0  # CUDA scalar32 entries assembled from PTX (codegen/ptx.py), not NVRTC's
 
     def reset(self) -> None:
         for field in dataclasses.fields(self):

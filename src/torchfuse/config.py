@@ -73,6 +73,10 @@ class Config:
     """TORCHFUSE_NATIVE_LAUNCH=0: launch kernels from Python (ctypes, cuda.core) instead of the
     small C launcher built once per machine (devices/launch.c)."""
 
+    ptx: bool = dataclasses.field(default_factory=lambda: _flag("TORCHFUSE_PTX", True))
+    """TORCHFUSE_PTX=0: NVRTC compiles every CUDA entry point from C, scalar32 included, which
+    is otherwise assembled from the PTX the code generator writes (codegen/ptx.py)."""
+
     def override(self, **changes: object) -> contextlib.AbstractContextManager[Config]:
         """``with torchfuse.config.override(debug=4): ...`` (see :func:`override`)."""
         return override(**changes)

@@ -30,9 +30,11 @@ import torch
 from .. import ops
 from ..ir import Const
 from ..spec import BROADCAST, CONTIG, ArgSpec
+from . import ptx
 from .cstyle import C_TYPES, STORAGE_TYPES, CStyleRenderer, TypedGraph, helpers_for
 
 BLOCK = 256  # threads per block
+PTX_MARK = "entry scalar32 as PTX"  # the comment opening its block at the end of a source
 VECTOR_BYTES = 16
 
 # NVRTC has no default include path: the fixed-width types and float constants are declared
@@ -232,7 +234,8 @@ class CUDARenderer(CStyleRenderer):
                   f"// operand bytes: {' '.join(str(d.itemsize) for d in kernel.dtypes)}\n"
                   f"// vector elements: {kernel.width}")
         pairs = PAIRS if re.search(r"\btf_(h|bf)\w+2\(", code) else ""
-        return "\n".join([header, self.preamble, helpers_for(code + pairs), pairs, "", code, ""])
+        return "\n".join([header, self.preamble, helpers_for(code + pairs), pairs, "", code,
+                          *kernel.assembly(), ""])
 
 
 class _Kernel:
@@ -512,6 +515,15 @@ class _Kernel:
             "}",
             "#endif",
         ]
+
+    def assembly(self) -> list[str]:
+        """The scalar32 entry as PTX (codegen/ptx.py) where the translation reads every
+        statement, under ``#if 0``: the backend gives it to ptxas directly."""
+        try:
+            entry = ptx.scalar_entry(self, BLOCK)
+        except ops.Unsupported:
+            return []
+        return [f"#if 0  /* {PTX_MARK} */", entry, "#endif"]
 
     def lines(self) -> list[str]:
         """The entry points, each under ``#ifdef TF_ENTRY_<name>`` (the backend compiles one at a

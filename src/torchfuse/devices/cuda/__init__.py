@@ -40,8 +40,9 @@ import torch
 
 from ... import diskcache
 from ...cache import count
-from ...codegen.cuda import BLOCK, CUDARenderer
-from ...config import log
+from ...codegen import ptx
+from ...codegen.cuda import BLOCK, PREAMBLE, PTX_MARK, CUDARenderer
+from ...config import config, log
 from .. import CompileError, launcher
 
 INDEX_LIMIT = 2**31  # 32-bit kernels serve every element offset below this
@@ -214,7 +215,9 @@ class CUDABackend:
     def target(self, device: torch.device) -> str:
         (major, minor), _ = _nvrtc()
         arch, kind = _arch(_index(device))
-        return f"NVRTC {major}.{minor} | {_options(arch)[1]} ({kind}) | cuda.core {_version()}"
+        assembled = " | scalar32 from PTX" if config.ptx else ""
+        return (f"NVRTC {major}.{minor} | {_options(arch)[1]} ({kind}) | cuda.core {_version()}"
+                f"{assembled}")
 
     def device_key(self, device: torch.device) -> str:
         # Per GPU: a loaded kernel's launch is bound to its device's streams and size.
@@ -248,6 +251,10 @@ class CUDABackend:
             raise CompileError(reason)
         core = _core()
         arch, kind = _arch(_index(device))
+        if entry == "scalar32" and config.ptx and PTX_MARK in source and kind == "cubin":
+            binary = _assemble(source, device, arch)
+            if binary is not None:
+                return binary
         source = f"#define TF_ENTRY_{entry}\n{source}"
         logs = io.StringIO()
         try:
@@ -258,14 +265,79 @@ class CUDABackend:
             raise CompileError(report) from None
         if logs.getvalue().strip():
             log(4, f"NVRTC log:\n{logs.getvalue().strip()}")
-        binary = code.code
-        return binary.encode() if isinstance(binary, str) else bytes(binary)
+        return _code_bytes(code)
 
     def load(self, binary: bytes, device: torch.device, source: str) -> Callable[..., int]:
         index = _index(device)
         with torch.cuda.device(index):
             _enter(index)
             return _Launcher(self, source, binary, device, index)
+
+
+# ---- scalar32 from PTX -----------------------------------------------------------------------
+
+
+def _assemble(source: str, device: torch.device, arch: str) -> bytes | None:
+    """The cubin of the source's scalar32 entry from its PTX (codegen/ptx.py) and the library
+    functions it calls: ptxas alone, without NVRTC's front end and NVVM. None where that cannot
+    be done here (the GPU is older than sm_80, the PTX is refused): NVRTC compiles the C."""
+    if int(arch.removeprefix("sm_")) < 80:  # the PTX rounds to bfloat16 with sm_80's cvt
+        return None
+    try:
+        library = _library(_index(device))
+        start = source.index("\n", source.index(PTX_MARK)) + 1
+        module = ptx.link(source[start:source.rindex("#endif")], library)
+        core = _core()
+        options = core.ProgramOptions(arch=arch, fma=False)
+        binary = _code_bytes(core.Program(module, "ptx", options).compile("cubin"))
+    except Exception as error:  # logged: NVRTC compiles the C entry instead
+        log(1, f"scalar32 from PTX failed, NVRTC compiles it: {error}")
+        return None
+    count(assembled=1)
+    return binary
+
+
+class _LibraryBuild:
+    """The disk cache's view of the PTX library (codegen/ptx.py): compiled once per machine."""
+
+    def __init__(self, arch: str) -> None:
+        self.arch = f"compute_{arch.removeprefix('sm_')}"
+
+    def target(self, device: torch.device) -> str:
+        (major, minor), _ = _nvrtc()
+        return f"NVRTC {major}.{minor} | PTX library -rdc {_options(self.arch)[1]}"
+
+    def compile(self, source: str, device: torch.device) -> bytes:
+        core = _core()
+        options = core.ProgramOptions(arch=self.arch, fma=False, relocatable_device_code=True)
+        return _code_bytes(core.Program(source, "c++", options).compile("ptx"))
+
+
+_libraries: dict[str, ptx.Library] = {}
+_library_lock = threading.Lock()
+
+
+def _library(index: int) -> ptx.Library:
+    """The PTX library for GPU ``index``'s architecture: NVRTC's compile (~0.3 s) is done once
+    per machine, then read from the disk cache once per process."""
+    arch = _arch(index)[0]
+    library = _libraries.get(arch)
+    if library is None:
+        with _library_lock:
+            if arch not in _libraries:
+                start = time.perf_counter()
+                text, compiled = diskcache.load_or_compile(
+                    _LibraryBuild(arch), ptx.library_source(PREAMBLE), torch.device("cuda", index))
+                _libraries[arch] = ptx.Library.parse(text.decode())
+                verb = "compiled" if compiled else "loaded"
+                log(2, f"PTX library {verb} in {(time.perf_counter() - start) * 1000:.1f} ms")
+            library = _libraries[arch]
+    return library
+
+
+def _code_bytes(code) -> bytes:
+    binary = code.code
+    return binary.encode() if isinstance(binary, str) else bytes(binary)
 
 
 class _Entry:
