@@ -298,6 +298,7 @@ def test_scalar_entry_is_assembled_from_ptx_else_compiled_by_nvrtc(cuda_fusion, 
     x = make_input((300,), torch.float32, "cuda")
     fn = lambda a: torch.tanh(a) * 1.25  # noqa: E731
     fused = _fused(fn, x)
+    backend._library(torch.cuda.current_device(), wait=True)
     with override(cache=False):
         torchfuse.clear_cache()
         assert_same(fused(x)[0], fn(x))

@@ -189,6 +189,7 @@ def _scalar_ptx_against_nvrtc(fn, inputs, monkeypatch) -> None:
     except Exception:  # eager refuses: test_op_dtypes checks that we do too
         return
     monkeypatch.setattr(cuda_backend._Launcher, "_build_vector", lambda self: None)
+    cuda_backend._library(torch.cuda.current_device(), wait=True)
     results, assembled = [], []
     for ptx in (True, False):
         with override(ptx=ptx, cache=False):  # compiled here, not read from disk

@@ -69,6 +69,12 @@ def load_or_compile(backend, source: str, device: torch.device) -> tuple[bytes, 
     return binary, True
 
 
+def load(backend, source: str, device: torch.device) -> bytes | None:
+    """The binary on disk for ``source`` (see :func:`load_or_compile`), or None: not compiled."""
+    root = cache_root()
+    return None if root is None else _load(root, entry_key(backend, source, device))
+
+
 def entry_key(backend, source: str, device: torch.device) -> str:
     """The sha256 (hex) naming the entry of ``source`` compiled by ``backend`` for ``device``."""
     from . import __version__  # here, not at import time: the package imports this module

@@ -283,8 +283,10 @@ def _assemble(source: str, device: torch.device, arch: str) -> bytes | None:
     be done here (the GPU is older than sm_80, the PTX is refused): NVRTC compiles the C."""
     if int(arch.removeprefix("sm_")) < 80:  # the PTX rounds to bfloat16 with sm_80's cvt
         return None
+    library = _library(_index(device))
+    if library is None:
+        return None
     try:
-        library = _library(_index(device))
         start = source.index("\n", source.index(PTX_MARK)) + 1
         module = ptx.link(source[start:source.rindex("#endif")], library)
         core = _core()
@@ -313,26 +315,53 @@ class _LibraryBuild:
         return _code_bytes(core.Program(source, "c++", options).compile("ptx"))
 
 
-_libraries: dict[str, ptx.Library] = {}
+_libraries: dict[str, ptx.Library] = {}  # per architecture
+_library_builds: dict[str, threading.Thread] = {}
 _library_lock = threading.Lock()
 
 
-def _library(index: int) -> ptx.Library:
-    """The PTX library for GPU ``index``'s architecture: NVRTC's compile (~0.3 s) is done once
-    per machine, then read from the disk cache once per process."""
+def _library(index: int, wait: bool = False) -> ptx.Library | None:
+    """The PTX library for GPU ``index``'s architecture, read from the disk cache once per
+    process; None while NVRTC compiles it (~1 s, once per machine) on a background thread,
+    where the first kernels' scalar32 entries compile from C meanwhile (``wait``: until then)."""
     arch = _arch(index)[0]
     library = _libraries.get(arch)
     if library is None:
         with _library_lock:
-            if arch not in _libraries:
-                start = time.perf_counter()
-                text, compiled = diskcache.load_or_compile(
-                    _LibraryBuild(arch), ptx.library_source(PREAMBLE), torch.device("cuda", index))
-                _libraries[arch] = ptx.Library.parse(text.decode())
-                verb = "compiled" if compiled else "loaded"
-                log(2, f"PTX library {verb} in {(time.perf_counter() - start) * 1000:.1f} ms")
-            library = _libraries[arch]
+            if arch not in _libraries and arch not in _library_builds:
+                device = torch.device("cuda", index)
+                build, source = _LibraryBuild(arch), ptx.library_source(PREAMBLE)
+                text = diskcache.load(build, source, device)
+                if text is not None:
+                    _libraries[arch] = ptx.Library.parse(text.decode())
+                else:
+                    thread = threading.Thread(target=_build_library, daemon=True,
+                                              args=(arch, build, source, device),
+                                              name="torchfuse-ptx-library")
+                    _library_builds[arch] = thread
+                    thread.start()
+            thread = _library_builds.get(arch)
+        if wait and thread is not None:
+            thread.join()
+        library = _libraries.get(arch)
     return library
+
+
+def _build_library(arch: str, build: _LibraryBuild, source: str, device: torch.device) -> None:
+    start = time.perf_counter()
+    try:
+        text, _ = diskcache.load_or_compile(build, source, device)
+        _libraries[arch] = ptx.Library.parse(text.decode())
+    except Exception as error:  # scalar32 entries keep compiling from C
+        log(1, f"the PTX library failed to build: {error}")
+        return
+    log(2, f"PTX library compiled in {(time.perf_counter() - start) * 1000:.1f} ms")
+
+
+def _wait_library() -> None:
+    """Until a library build running now is done (for tests and benchmarks)."""
+    for thread in list(_library_builds.values()):
+        thread.join()
 
 
 def _code_bytes(code) -> bytes:
@@ -416,9 +445,11 @@ class _Launcher:
             self.background.start()
 
     def wait(self) -> None:
-        """Until the vector entry point is ready (or failed): for tests and benchmarks."""
+        """Until the vector entry point is ready (or failed), and the PTX library if it is being
+        built: for tests and benchmarks."""
         if self.background is not None:
             self.background.join()
+        _wait_library()
 
     def _build_vector(self) -> None:
         try:
