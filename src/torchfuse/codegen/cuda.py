@@ -28,6 +28,7 @@ import re
 import torch
 
 from .. import ops
+from ..config import log
 from ..ir import Const
 from ..spec import BROADCAST, CONTIG, ArgSpec
 from . import ptx
@@ -522,6 +523,9 @@ class _Kernel:
         try:
             entry = ptx.scalar_entry(self, BLOCK)
         except ops.Unsupported:
+            return []
+        except Exception as error:  # a bug here must not cost the C kernel
+            log(1, f"no PTX for the scalar entry: {type(error).__name__}: {error}")
             return []
         return [f"#if 0  /* {PTX_MARK} */", entry, "#endif"]
 

@@ -29,7 +29,7 @@ from fractions import Fraction
 
 from ..ops import Unsupported
 from ..spec import BROADCAST, CONTIG
-from .cstyle import C_TYPES, helpers_for
+from .cstyle import C_TYPES, INT_HELPER_TYPES, helpers_for
 
 # ---- C types and their registers -------------------------------------------------------------
 
@@ -98,8 +98,6 @@ _MATH2 = ("atan2", "hypot", "copysign", "pow", "fmod", "fmax", "fmin", "tf_max",
           "tf_remainder", "tf_div_floor", "tf_logaddexp")
 _CLASSIFY = ("signbit", "isinf")  # bool of a float or double (C++ overloads)
 _INT_HELPERS = ("tf_pow", "tf_shl", "tf_shr")  # T of (T, T), per integer tag
-_INT_TAGS = {"u8": "uint8_t", "i8": "int8_t", "i16": "int16_t", "i32": "int32_t",
-             "i64": "int64_t"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +129,7 @@ def _functions() -> dict[str, Function]:
                 symbol, BOOL, (t,),
                 f'extern "C" __device__ int {symbol}({c} a) {{ return {name}(a) ? 1 : 0; }}')
     for name in _INT_HELPERS:
-        for tag, c in _INT_TAGS.items():
+        for tag, (c, _, _) in INT_HELPER_TYPES.items():
             t = TYPES[c]
             wide = "long long" if t.bits == 64 else "int"
             symbol = f"tf_lib_{name[3:]}_{tag}"
@@ -458,7 +456,7 @@ def _number(token: str) -> tuple[float | int, CType]:
     if lower.startswith("0x"):
         digits = lower.rstrip("ul")
         value, suffix = int(digits, 16), lower[len(digits):]
-    elif any(c in lower for c in ".e") and not lower.startswith("0x"):
+    elif any(c in lower for c in ".e"):
         if lower.endswith("f"):
             return _float32(Fraction(lower[:-1])), FLOAT
         return float(lower), DOUBLE
@@ -633,9 +631,10 @@ def scalar_entry(kernel, block: int, name: str = "tf_scalar32") -> str:
         pointers.append(e.new(ULONG))
         e.op(f"cvta.to.global.u64 {pointers[-1].reg}, {raw.reg}")
     n = param("n_")
-    sizes = [param(f"size{d}_") for d in range(rank)]
-    dividers = {d: (param(f"magic{d}_"), param(f"shift{d}_")) for d in range(1, rank)}
-    strides = [[param(f"stride{p}_{d}_") for d in range(rank)] for p in range(k)]
+    strided = range(0 if kernel.flat else rank)  # flat kernels index every operand by i
+    sizes = [param(f"size{d}_") for d in strided]
+    dividers = {d: (param(f"magic{d}_"), param(f"shift{d}_")) for d in strided if d}
+    strides = [[param(f"stride{p}_{d}_") for d in strided] for p in range(k)]
     partial = {p: [param(f"stride{p}_{d}_", LONG) for d in range(rank)]  # the guards' strides
                for p in range(n_in, k) if kernel.argspec.partial_outputs[p - n_in]}
     i, step, a, b = e.new(UINT), e.new(UINT), e.new(UINT), e.new(UINT)
