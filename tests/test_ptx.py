@@ -193,3 +193,41 @@ def test_entry_parameters_match_the_c_entry():
     ptx_params = entry.split(".visible .entry tf_scalar32(\n")[1].split("\n)")[0]
     assert [p.split()[-1] for p in ptx_params.split(",\n")] == names
     assert "mul.hi.u32" in entry  # the index unravelled with tf_divide's multiply-high
+
+
+LEAF = """.version 9.0
+.target sm_90
+.address_size 64
+
+.visible .func  (.param .b32 func_retval0) tf_lib_twice(
+\t.param .b32 tf_lib_twice_param_0
+)
+{
+\t.reg .pred \t%p<2>;
+\t.reg .f32 \t%f<3>;
+
+\tld.param.f32 \t%f1, [tf_lib_twice_param_0];
+\tsetp.eq.f32 \t%p1, %f1, 0f00000000;
+\t@%p1 bra \t$L__BB0_2;
+\tadd.rn.f32 \t%f1, %f1, %f1;
+$L__BB0_2:
+\tst.param.f32 \t[func_retval0+0], %f1;
+\tret;
+
+}
+"""
+
+
+def test_link_writes_leaf_functions_out_in_place():
+    e = ptx.Emitter()
+    x = e.new(FLOAT)
+    first = e.call(ptx.Function("tf_lib_twice", FLOAT, (FLOAT,), ""), [x])
+    e.call(ptx.Function("tf_lib_twice", FLOAT, (FLOAT,), ""), [first])
+    module = ptx.link("\n".join(e.lines), ptx.Library.parse(LEAF))
+    assert "call.uni" not in module and ".func" not in module
+    for site in (1, 2):  # each copy's registers and labels apart, its result moved out
+        assert f".reg .f32 \t%f_i{site}_<3>;" in module
+        assert f"@%p_i{site}_1 bra \t$L__BB0_2_i{site};" in module
+        assert f"bra.uni $L_return_{site};" in module and f"$L_return_{site}:" in module
+    assert "mov.b32 %f_i1_1, %f1;" in module and f"mov.b32 {first.reg}, %f_i1_1;" in module
+    assert f"mov.b32 %f_i2_1, {first.reg};" in module

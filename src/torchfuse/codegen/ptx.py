@@ -197,10 +197,46 @@ class Library:
 
 
 def link(entry: str, library: Library) -> str:
-    """One PTX module: the library's header, the library items ``entry`` uses, ``entry``."""
+    """One PTX module: the library's header, the library items ``entry`` uses, ``entry``; calls
+    of leaf functions (no calls, no stack) written out in place, as NVVM would have inlined
+    them: ptxas does not inline, and a call costs the loop its scheduling across it."""
+    definitions = {name: text for name, text in library.items if "{" in text}
+    sites = iter(range(1, 1 << 30))
+    entry = _CALL.sub(lambda call: _inlined(call, definitions, next(sites)), entry)
     needed = library.needed(entry)
     items = [text for name, text in library.items if name in needed]
     return "\n\n".join([library.header, *items, entry, ""])
+
+
+# A call as Emitter.call writes it: arguments stored, the call, the result loaded.
+_CALL = re.compile(r"\t\{\n((?:\t\.param [^\n]*\n\tst\.param[^\n]*\n)*)"
+                   r"\t\.param \.b(\d+) retval0;\n"
+                   r"\tcall\.uni \(retval0\), (\w+), \([^)]*\);\n"
+                   r"\tld\.param\.\w+ (%\w+), \[retval0\];\n\t\}")
+
+
+def _inlined(call: re.Match, definitions: dict[str, str], site: int) -> str:
+    """The body of the function ``call`` calls in its place (registers and labels renamed
+    apart, parameters and result moved), or the call itself where that function is no leaf."""
+    text = definitions.get(call.group(3))
+    if text is None or "call" in text or ".local" in text or "%SP" in text:
+        return call.group(0)
+    header, body = text.split("{", 1)
+    body = body.rsplit("}", 1)[0]
+    body = re.sub(r"%([a-z]+)(\d+)\b", rf"%\1_i{site}_\2", body)
+    body = re.sub(r"%([a-z]+)<(\d+)>", rf"%\1_i{site}_<\2>", body)
+    body = re.sub(r"(\$L\w+)", rf"\1_i{site}", body)
+    arguments = re.findall(r"st\.param\.\w+ \[param\d+\], (%\w+);", call.group(1))
+    params = re.findall(r"\.param \.b(\d+) (\w+)", header)[1:]  # [0] is the result
+    for (bits, name), argument in zip(params, arguments, strict=True):
+        load = re.compile(rf"ld\.param\.[a-z]+(\d+)\s+(%\w+), \[{name}\];")
+        if any(width != bits for width, _ in load.findall(body)):
+            return call.group(0)  # it reads part of a parameter (a narrow integer)
+        body = load.sub(rf"mov.b{bits} \2, {argument};", body)
+    result = f"mov.b{call.group(2)} {call.group(4)}, \\1;"
+    body = re.sub(r"st\.param\.\w+\s+\[func_retval0(?:\+0)?\], (%\w+);", result, body)
+    body = re.sub(r"\bret;", f"bra.uni $L_return_{site};", body)
+    return f"\t{{{body.rstrip()}\n\t}}\n$L_return_{site}:"
 
 
 # ---- values and instructions -------------------------------------------------------------------
