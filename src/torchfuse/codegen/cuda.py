@@ -18,6 +18,9 @@ only (the launcher splits a call of 2**31 elements or more into chunks); strided
 operands are all contiguous or broadcast along the inner dimension (a bias added to rows, a
 chunk of a wider tensor) have all three. Names start with ``tf_``, or ``tf_checked_`` when the
 body can fail (integer division by zero): those take an error flag as last parameter.
+
+The source ends with ``scalar32`` once more, in PTX (codegen/ptx.py), under ``#if 0``: the
+backend hands that to ptxas instead of compiling the C entry with NVRTC.
 """
 
 from __future__ import annotations

@@ -673,13 +673,13 @@ def scalar_entry(kernel, block: int, name: str = "tf_scalar32") -> str:
     strides = [[param(f"stride{p}_{d}_") for d in strided] for p in range(k)]
     partial = {p: [param(f"stride{p}_{d}_", LONG) for d in range(rank)]  # the guards' strides
                for p in range(n_in, k) if kernel.argspec.partial_outputs[p - n_in]}
-    i, step, a, b = e.new(UINT), e.new(UINT), e.new(UINT), e.new(UINT)
-    e.op(f"mov.u32 {a.reg}, %ctaid.x")
-    e.op(f"mov.u32 {b.reg}, %ntid.x")
-    e.op(f"mov.u32 {step.reg}, %tid.x")
-    e.op(f"mad.lo.u32 {i.reg}, {a.reg}, {b.reg}, {step.reg}")
-    e.op(f"mov.u32 {a.reg}, %nctaid.x")
-    e.op(f"mul.lo.u32 {step.reg}, {a.reg}, {b.reg}")
+    i, step, block_id, threads, thread_id, blocks = (e.new(UINT) for _ in range(6))
+    e.op(f"mov.u32 {block_id.reg}, %ctaid.x")
+    e.op(f"mov.u32 {threads.reg}, %ntid.x")
+    e.op(f"mov.u32 {thread_id.reg}, %tid.x")
+    e.op(f"mad.lo.u32 {i.reg}, {block_id.reg}, {threads.reg}, {thread_id.reg}")
+    e.op(f"mov.u32 {blocks.reg}, %nctaid.x")
+    e.op(f"mul.lo.u32 {step.reg}, {blocks.reg}, {threads.reg}")
     done = e.new(BOOL)
     e.op(f"setp.ge.u32 {done.reg}, {i.reg}, {n.reg}")
     e.op(f"@{done.reg} bra $L_done")
@@ -709,11 +709,11 @@ def scalar_entry(kernel, block: int, name: str = "tf_scalar32") -> str:
         terms = [(index[d], strides[p][d]) for d in range(rank - 1)]
         if code not in (CONTIG, BROADCAST):
             terms.append((index[rank - 1], strides[p][rank - 1]))
-        o = e.const(0, UINT)
-        for j, stride in terms:
-            e.op(f"mad.lo.u32 {o.reg}, {j.reg}, {stride.reg}, {o.reg}")
-        if code == CONTIG:
-            e.op(f"add.u32 {o.reg}, {o.reg}, {index[rank - 1].reg}")
+        o = index[rank - 1] if code == CONTIG else e.const(0, UINT)
+        for j, stride in terms:  # o = sum of j * stride (+ the inner index where contiguous)
+            total = e.new(UINT)
+            e.op(f"mad.lo.u32 {total.reg}, {j.reg}, {stride.reg}, {o.reg}")
+            o = total
         offsets.append(o)
 
     def address(p: int) -> str:

@@ -10,7 +10,9 @@ names its elements per thread) where every pointer is 16-byte aligned and (strid
 whole vectors tile the rows, else one element per thread; 32-bit index arithmetic while every
 element offset stays under 2**31, else 64-bit (flat kernels instead launch chunks of 2**30
 elements). A kernel is ready to run once its scalar entry is compiled; the vector entry, several
-times slower to compile, follows on a background thread.
+times slower to compile, follows on a background thread. The scalar entry is assembled from the
+PTX the source carries (codegen/ptx.py) where it can be: ptxas alone, about twice as quick as
+NVRTC, with math functions from a PTX library NVRTC compiles once per machine.
 Launches go through the native launcher (devices/launch.c: cuLaunchKernel with the arguments
 packed in C) where it is built, else through cuda.core. The grid has a thread for every element
 (or vector), and the block scheduler keeps every multiprocessor fed to the end: a grid of only
@@ -277,11 +279,18 @@ class CUDABackend:
 # ---- scalar32 from PTX -----------------------------------------------------------------------
 
 
+REFUSALS_MAX = 3  # PTX modules refused in a process before its scalar entries stop trying
+_refusals: dict[str, int] = {}  # per architecture
+
+
 def _assemble(source: str, device: torch.device, arch: str) -> bytes | None:
     """The cubin of the source's scalar32 entry from its PTX (codegen/ptx.py) and the library
     functions it calls: ptxas alone, without NVRTC's front end and NVVM. None where that cannot
-    be done here (the GPU is older than sm_80, the PTX is refused): NVRTC compiles the C."""
+    be done here (the GPU is older than sm_80, the PTX is refused): NVRTC compiles the C. After
+    REFUSALS_MAX refusals (a linker older than NVRTC's PTX, say) the process stops trying."""
     if int(arch.removeprefix("sm_")) < 80:  # the PTX rounds to bfloat16 with sm_80's cvt
+        return None
+    if _refusals.get(arch, 0) >= REFUSALS_MAX:
         return None
     library = _library(_index(device))
     if library is None:
@@ -293,7 +302,9 @@ def _assemble(source: str, device: torch.device, arch: str) -> bytes | None:
         options = core.ProgramOptions(arch=arch, fma=False)
         binary = _code_bytes(core.Program(module, "ptx", options).compile("cubin"))
     except Exception as error:  # logged: NVRTC compiles the C entry instead
-        log(1, f"scalar32 from PTX failed, NVRTC compiles it: {error}")
+        _refusals[arch] = _refusals.get(arch, 0) + 1
+        log(1, f"scalar32 from PTX failed ({_refusals[arch]} of {REFUSALS_MAX}), "
+               f"NVRTC compiles it: {error}")
         return None
     count(assembled=1)
     return binary
@@ -307,7 +318,7 @@ class _LibraryBuild:
 
     def target(self, device: torch.device) -> str:
         (major, minor), _ = _nvrtc()
-        return f"NVRTC {major}.{minor} | PTX library -rdc {_options(self.arch)[1]}"
+        return f"NVRTC {major}.{minor} | PTX library | -arch={self.arch} -fmad=false -rdc=true"
 
     def compile(self, source: str, device: torch.device) -> bytes:
         core = _core()
