@@ -215,6 +215,13 @@ $L__BB0_2:
 \tret;
 
 }
+.visible .func  (.param .b32 func_retval0) tf_lib_zero(
+\t.param .b32 tf_lib_zero_param_0
+)
+{
+\tst.param.b32 \t[func_retval0+0], 0;
+\tret;
+}
 """
 
 
@@ -228,6 +235,10 @@ def test_link_writes_leaf_functions_out_in_place():
     for site in (1, 2):  # each copy's registers and labels apart, its result moved out
         assert f".reg .f32 \t%f_i{site}_<3>;" in module
         assert f"@%p_i{site}_1 bra \t$L__BB0_2_i{site};" in module
-        assert f"bra.uni $L_return_{site};" in module and f"$L_return_{site}:" in module
+        assert f"bra $L_return_{site};" in module and f"$L_return_{site}:" in module
     assert "mov.b32 %f_i1_1, %f1;" in module and f"mov.b32 {first.reg}, %f_i1_1;" in module
     assert f"mov.b32 %f_i2_1, {first.reg};" in module
+    zero = ptx.Emitter()
+    value = zero.call(ptx.Function("tf_lib_zero", INT, (INT,), ""), [zero.new(INT)])
+    module = ptx.link("\n".join(zero.lines), ptx.Library.parse(LEAF))
+    assert f"mov.b32 {value.reg}, 0;" in module and "func_retval0" not in module

@@ -234,8 +234,8 @@ def _inlined(call: re.Match, definitions: dict[str, str], site: int) -> str:
             return call.group(0)  # it reads part of a parameter (a narrow integer)
         body = load.sub(rf"mov.b{bits} \2, {argument};", body)
     result = f"mov.b{call.group(2)} {call.group(4)}, \\1;"
-    body = re.sub(r"st\.param\.\w+\s+\[func_retval0(?:\+0)?\], (%\w+);", result, body)
-    body = re.sub(r"\bret;", f"bra.uni $L_return_{site};", body)
+    body = re.sub(r"st\.param\.\w+\s+\[func_retval0(?:\+0)?\], ([^;]+);", result, body)
+    body = re.sub(r"\bret;", f"bra $L_return_{site};", body)  # not .uni: a ret may be predicated
     return f"\t{{{body.rstrip()}\n\t}}\n$L_return_{site}:"
 
 
