@@ -148,6 +148,17 @@ def test_racing_processes_compile_once(cache_dir, tmp_path):
     assert run_kernel()["disk_hits"] == 1  # the entry left behind is valid
 
 
+def test_load_reads_without_compiling(cache_dir):
+    backend = FakeBackend()
+    assert diskcache.load(backend, "a source", CPU) is None
+    assert backend.compiles == 0
+    diskcache.load_or_compile(backend, "a source", CPU)
+    assert diskcache.load(backend, "a source", CPU) == b"a source"
+    assert backend.compiles == 1
+    with override(cache=False):
+        assert diskcache.load(backend, "a source", CPU) is None
+
+
 def test_racing_threads_compile_once(cache_dir):
     backend = FakeBackend()
     results = []
