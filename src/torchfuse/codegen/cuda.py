@@ -40,6 +40,7 @@ from .cstyle import C_TYPES, STORAGE_TYPES, CStyleRenderer, TypedGraph, helpers_
 BLOCK = 256  # threads per block
 PTX_MARK = "entry scalar32 as PTX"  # the comment opening its block at the end of a source
 VECTOR_BYTES = 16
+STREAMING = True  # vector loads of streamed inputs and vector stores evict-first (see vector())
 
 # NVRTC has no default include path: the fixed-width types and float constants are declared
 # here. Built by nvcc instead (a failed kernel's reproduction), the system headers give them.
@@ -71,6 +72,11 @@ typedef unsigned long long uint64_t;
 
 #define TF_FN static __device__ __forceinline__
 struct __align__(16) tf_uint4x2 { uint4 a, b; };  /* 32 bytes: two 16-byte loads or stores */
+/* Streamed operands are read or written once: evict-first (.cs) vector loads and stores */
+template <typename T> TF_FN T tf_ldcs(const T* p) { return __ldcs(p); }
+template <typename T> TF_FN void tf_stcs(T* p, T v) { __stcs(p, v); }
+TF_FN tf_uint4x2 tf_ldcs(const tf_uint4x2* p) { return {__ldcs(&p->a), __ldcs(&p->b)}; }
+TF_FN void tf_stcs(tf_uint4x2* p, tf_uint4x2 v) { __stcs(&p->a, v.a); __stcs(&p->b, v.b); }
 typedef unsigned short tf_half;
 TF_FN float tf_h2f(tf_half h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 TF_FN tf_half tf_f2h(float f) {
@@ -353,7 +359,11 @@ class _Kernel:
         bytes. Flat kernels: the last, partial vector goes element by element. Strided ones
         (every operand contiguous or broadcast along the inner dimension): the launcher runs
         them only where the inner size and the contiguous operands' other strides are multiples
-        of ``width`` (so no vector straddles a row), and a broadcast operand is loaded once."""
+        of ``width`` (so no vector straddles a row), and a broadcast operand is loaded once.
+        Streamed operands (not a row every row reuses) are read and written evict-first
+        (``ld/st.global.cs``: touched once); measured against plain loads and stores on every
+        bench workload at 64M elements on an H100: 0.983-1.001 of their time, gelu_tanh float16
+        1.7 % quicker (bench/RESULTS.md, session 5)."""
         width = self.width
         r, dtypes, n_in, flat = self.r, self.dtypes, self.n_in, self.flat
         words = [LOAD_TYPES[width * d.itemsize] for d in dtypes]
@@ -367,10 +377,15 @@ class _Kernel:
             if self.codes[p] == BROADCAST:
                 return [f"{{ const {STORAGE_TYPES[dtypes[p]]} s = in{p}[{offset(p)}];",
                         *each(f"b{p}.e[k] = s; }}", pad="        ")]
-            return [f"b{p}.all = *(const {words[p]}*)(in{p} + {offset(p)});"]
+            pointer = f"(const {words[p]}*)(in{p} + {offset(p)})"
+            if STREAMING and not self.argspec.inputs[p].reused:
+                return [f"b{p}.all = tf_ldcs({pointer});"]
+            return [f"b{p}.all = *{pointer};"]
 
         def store(p: int) -> str:
-            statement = f"*({words[p]}*)(out{p - n_in} + {offset(p)}) = b{p}.all;"
+            pointer = f"({words[p]}*)(out{p - n_in} + {offset(p)})"
+            statement = (f"tf_stcs({pointer}, b{p}.all);" if STREAMING
+                         else f"*{pointer} = b{p}.all;")
             condition = None if flat else self.guard(p - n_in)
             return f"if ({condition}) {statement}" if condition else statement
 
