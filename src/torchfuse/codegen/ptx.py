@@ -635,7 +635,7 @@ def body(e: Emitter, statements: list[str], values: dict[str, Value]) -> None:
 
 # ---- the scalar32 entry point ----------------------------------------------------------------
 
-# storage dtype name (codegen/cstyle's STORAGE_TYPES) -> (load/store type, value type)
+# C type of a dtype stored as itself (codegen/cstyle.C_TYPES) -> (load/store type, value type)
 _STORAGE = {"float": ("f32", FLOAT), "double": ("f64", DOUBLE), "int8_t": ("s8", TYPES["int8_t"]),
             "uint8_t": ("u8", TYPES["uint8_t"]), "int16_t": ("s16", TYPES["int16_t"]),
             "int32_t": ("s32", INT), "int64_t": ("s64", LONG)}
