@@ -27,6 +27,8 @@ import re
 import struct
 from fractions import Fraction
 
+import torch
+
 from ..ops import Unsupported
 from ..spec import BROADCAST, CONTIG
 from .cstyle import C_TYPES, INT_HELPER_TYPES, helpers_for
@@ -647,14 +649,15 @@ def scalar_entry(kernel, block: int, name: str = "tf_scalar32") -> str:
     if kernel.checked:
         raise Unsupported("kernels that report errors are compiled from C")
     e = Emitter()
-    params = [p.split()[-1] for p in kernel.params().split(",")]
-    kinds = [".u32" if "uint32_t" in p else ".u64" for p in kernel.params().split(",")]
+    # the C entry's parameters: name -> PTX type (magic numbers and shifts are 32-bit)
+    kinds = {p.split()[-1]: ".u32" if "uint32_t" in p else ".u64"
+             for p in kernel.params().split(",")}
     header = [f".visible .entry {name}(",
-              ",\n".join(f"\t.param {k} {p}" for k, p in zip(kinds, params, strict=True)),
+              ",\n".join(f"\t.param {k} {p}" for p, k in kinds.items()),
               ")", f".maxntid {block}, 1, 1", "{"]
 
     def param(p: str, t: CType = UINT) -> Value:
-        wide = e.new(ULONG if p in params and kinds[params.index(p)] == ".u64" else UINT)
+        wide = e.new(ULONG if kinds[p] == ".u64" else UINT)
         e.op(f"ld.param.{wide.t.ptx} {wide.reg}, [{p}]")
         return e.convert(wide, t) if t != wide.t else wide
 
@@ -724,7 +727,7 @@ def scalar_entry(kernel, block: int, name: str = "tf_scalar32") -> str:
 
     values = {}
     for p in range(n_in):
-        values[f"v{p}"] = load(e, address(p), C_TYPES[kernel.dtypes[p]], kernel.dtypes[p])
+        values[f"v{p}"] = load(e, address(p), kernel.dtypes[p])
     body(e, kernel.body, values)
     for o, value in enumerate(kernel.typed.graph.outputs):
         p = n_in + o
@@ -752,12 +755,11 @@ def _guard(e: Emitter, kernel, p: int, index: list[Value], strides: list[Value])
     return guard
 
 
-def load(e: Emitter, addr: str, ctype: str, dtype) -> Value:
+def load(e: Emitter, addr: str, dtype: torch.dtype) -> Value:
     """One element as its compute type: halves widened to float, bytes of a bool tested."""
-    name = str(dtype).removeprefix("torch.")
-    if name in ("float16", "bfloat16"):
-        bits, d = e.new("h" if name == "float16" else "r"), e.new(FLOAT)
-        if name == "float16":
+    if dtype in (torch.float16, torch.bfloat16):
+        bits, d = e.new("h" if dtype == torch.float16 else "r"), e.new(FLOAT)
+        if dtype == torch.float16:
             e.op(f"ld.global.nc.b16 {bits}, [{addr}]")
             e.op(f"cvt.f32.f16 {d.reg}, {bits}")
         else:
@@ -765,28 +767,27 @@ def load(e: Emitter, addr: str, ctype: str, dtype) -> Value:
             e.op(f"shl.b32 {bits}, {bits}, 16")
             e.op(f"mov.b32 {d.reg}, {bits}")
         return d
-    if name == "bool":
+    if dtype == torch.bool:
         byte = e.new(UINT)
         e.op(f"ld.global.nc.u8 {byte.reg}, [{addr}]")
         return e.convert(byte, BOOL)
-    kind, t = _STORAGE[ctype]
+    kind, t = _STORAGE[C_TYPES[dtype]]
     d = e.new(t)
     e.op(f"ld.global.nc.{kind} {d.reg}, [{addr}]")
     return d
 
 
-def store(e: Emitter, addr: str, v: Value, dtype, guard: Value | None) -> None:
-    name = str(dtype).removeprefix("torch.")
+def store(e: Emitter, addr: str, v: Value, dtype: torch.dtype, guard: Value | None) -> None:
     at = f"@{guard.reg} " if guard is not None else ""
-    if name == "float16":
+    if dtype == torch.float16:
         half = e.new("h")
         e.op(f"cvt.rn.f16.f32 {half}, {v.reg}")
         e.op(f"{at}st.global.b16 [{addr}], {half}")
-    elif name == "bfloat16":  # tf_f2bf on sm_80+: the packed cvt, its lower half
+    elif dtype == torch.bfloat16:  # tf_f2bf on sm_80+: the packed cvt, its lower half
         bits = e.new("r")
         e.op(f"cvt.rn.bf16x2.f32 {bits}, {e.const(0.0, FLOAT).reg}, {v.reg}")
         e.op(f"{at}st.global.u16 [{addr}], {bits}")
-    elif name == "bool":
+    elif dtype == torch.bool:
         byte = e.convert(v, UINT)
         e.op(f"{at}st.global.u8 [{addr}], {byte.reg}")
     else:
