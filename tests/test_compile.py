@@ -202,3 +202,61 @@ def test_chunked_integer_division_by_zero_raises_eagers_error():
     x[2, 4] = 0  # in the second chunk: the kernel flags it, the fallback raises eager's error
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         compiled(x)
+
+
+def _compile_spying_unwrap(fn, monkeypatch, **options):
+    """fn compiled with torchfuse, and a list of what ``_unwrappable`` answered meanwhile."""
+    answers = []
+    real = torchfuse.capture._unwrappable
+
+    def spy(fw, arguments):
+        answers.append(real(fw, arguments))
+        return answers[-1]
+    monkeypatch.setattr(torchfuse.capture, "_unwrappable", spy)
+    torch._dynamo.reset()
+    return torch.compile(fn, backend="torchfuse", **options), answers
+
+
+def _aliasing_outputs(x, y):
+    z = x * y + 1
+    return z.view(-1), z.t(), torch.sigmoid(z)
+
+
+@pytest.mark.parametrize("fn, unwrapped", [
+    (lambda x, y: torch.sigmoid(x) * y + 1, True),
+    (_aliasing_outputs, True),  # views of an intermediate: the graph's own views, as eager's
+    (lambda x, y: (x.t(), torch.tanh(x) * y), False),  # a view of an input: rebuilt by AOT
+    (lambda x, y: x.mul_(2).add(y).exp(), False),  # an input mutated: written back by AOT
+])
+def test_inference_graph_runs_without_aots_wrapper_when_it_has_nothing_to_do(
+        device, fn, unwrapped, monkeypatch):
+    x, y = (make_input((8, 16), torch.float32, device) for _ in range(2))
+    compiled, answers = _compile_spying_unwrap(fn, monkeypatch)
+    x_eager = x.clone()
+    want = fn(x_eager, y)
+    for _ in range(2):  # the first call compiles, the second runs what was compiled
+        x_got = x.clone()
+        got = compiled(x_got, y)
+        assert_same(got, want)
+        assert_same(x_got, x_eager)
+    assert answers == [unwrapped]
+    if fn is _aliasing_outputs:
+        assert got[0]._base is not None and got[0]._base is got[1]._base  # views, as eager's
+        assert got[2]._base is None
+
+
+def test_aots_wrapper_stays_for_training_autocast_and_dynamic_shapes(device, monkeypatch):
+    def f(x, y):
+        return torch.tanh(x) * y - 1
+    x, y = (make_input((8, 16), torch.float32, device) for _ in range(2))
+    compiled, answers = _compile_spying_unwrap(f, monkeypatch)
+    a = x.clone().requires_grad_()
+    compiled(a, y).sum().backward()  # a training graph: forward and backward compilers
+    assert a.grad is not None and answers == []
+    compiled, answers = _compile_spying_unwrap(f, monkeypatch)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert_same(compiled(x, y), f(x, y))
+    assert answers == []  # under autocast it is not even asked
+    compiled, answers = _compile_spying_unwrap(f, monkeypatch, dynamic=True)
+    assert_same(compiled(x, y), f(x, y))
+    assert answers == [False]  # symbolic outputs: AOT marks them dynamic for the next graph

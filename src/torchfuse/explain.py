@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -92,11 +93,9 @@ def explain(fn: Callable, *args, **kwargs) -> Report:
 
     When an output requires grad, backward runs too, so the backward graph is reported as well.
     """
-    fresh = torch._dynamo.backends.common.aot_autograd(
-        fw_compiler=capture.compile_graph,
-        bw_compiler=capture.compile_graph,
-        decompositions=capture.DECOMPOSITIONS,
-    )
+    def fresh(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
+        return capture.backend(gm, example_inputs)
+
     with capture.collect() as results:
         out = torch.compile(fn, backend=fresh)(*args, **kwargs)
         outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
