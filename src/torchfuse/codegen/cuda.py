@@ -40,7 +40,6 @@ from .cstyle import C_TYPES, STORAGE_TYPES, CStyleRenderer, TypedGraph, helpers_
 BLOCK = 256  # threads per block
 PTX_MARK = "entry scalar32 as PTX"  # the comment opening its block at the end of a source
 VECTOR_BYTES = 16
-STREAMING = True  # vector loads of streamed inputs and vector stores evict-first (see vector())
 
 # NVRTC has no default include path: the fixed-width types and float constants are declared
 # here. Built by nvcc instead (a failed kernel's reproduction), the system headers give them.
@@ -72,11 +71,22 @@ typedef unsigned long long uint64_t;
 
 #define TF_FN static __device__ __forceinline__
 struct __align__(16) tf_uint4x2 { uint4 a, b; };  /* 32 bytes: two 16-byte loads or stores */
-/* Streamed operands are read or written once: evict-first (.cs) vector loads and stores */
-template <typename T> TF_FN T tf_ldcs(const T* p) { return __ldcs(p); }
-template <typename T> TF_FN void tf_stcs(T* p, T v) { __stcs(p, v); }
-TF_FN tf_uint4x2 tf_ldcs(const tf_uint4x2* p) { return {__ldcs(&p->a), __ldcs(&p->b)}; }
-TF_FN void tf_stcs(tf_uint4x2* p, tf_uint4x2 v) { __stcs(&p->a, v.a); __stcs(&p->b, v.b); }
+/* A streamed operand's vector load: ld.global, not the read-only path (ld.global.nc) NVRTC
+ * picks for a const __restrict__ pointer, nor evict-first (.cs): see vector() */
+TF_FN uint4 tf_ld(const uint4* p) {
+  uint4 v;
+  asm("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+TF_FN uint2 tf_ld(const uint2* p) {
+  uint2 v; asm("ld.global.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p)); return v;
+}
+TF_FN uint32_t tf_ld(const uint32_t* p) {
+  uint32_t v; asm("ld.global.u32 %0, [%1];" : "=r"(v) : "l"(p)); return v;
+}
+template <typename T> TF_FN T tf_ld(const T* p) { return *p; }
+TF_FN tf_uint4x2 tf_ld(const tf_uint4x2* p) { return {tf_ld(&p->a), tf_ld(&p->b)}; }
 typedef unsigned short tf_half;
 TF_FN float tf_h2f(tf_half h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 TF_FN tf_half tf_f2h(float f) {
@@ -360,10 +370,13 @@ class _Kernel:
         (every operand contiguous or broadcast along the inner dimension): the launcher runs
         them only where the inner size and the contiguous operands' other strides are multiples
         of ``width`` (so no vector straddles a row), and a broadcast operand is loaded once.
-        Streamed operands (not a row every row reuses) are read and written evict-first
-        (``ld/st.global.cs``: touched once); measured against plain loads and stores on every
-        bench workload at 64M elements on an H100: 0.983-1.001 of their time, gelu_tanh float16
-        1.7 % quicker (bench/RESULTS.md, session 5)."""
+        Streamed operands (not a row every row reuses) are loaded with a plain ``ld.global``
+        (``tf_ld``); a reused row keeps NVRTC's read-only ``ld.global.nc``; stores are plain.
+        Measured on an H100, kernel time against Inductor's in fresh processes (bench/RESULTS.md,
+        session 6): evict-first loads and stores (session 5's choice) were 0.3-2.8 % slower on
+        gated, where_mix, bias_act_scale and gelu_tanh float32 there, though not in the bench's
+        own process; ``ld.global.nc`` for streamed loads as quick as ``ld.global`` but on 16-byte
+        loads (gelu_tanh float16 1.5 % slower)."""
         width = self.width
         r, dtypes, n_in, flat = self.r, self.dtypes, self.n_in, self.flat
         words = [LOAD_TYPES[width * d.itemsize] for d in dtypes]
@@ -378,14 +391,13 @@ class _Kernel:
                 return [f"{{ const {STORAGE_TYPES[dtypes[p]]} s = in{p}[{offset(p)}];",
                         *each(f"b{p}.e[k] = s; }}", pad="        ")]
             pointer = f"(const {words[p]}*)(in{p} + {offset(p)})"
-            if STREAMING and not self.argspec.inputs[p].reused:
-                return [f"b{p}.all = tf_ldcs({pointer});"]
-            return [f"b{p}.all = *{pointer};"]
+            if self.argspec.inputs[p].reused:
+                return [f"b{p}.all = *{pointer};"]
+            return [f"b{p}.all = tf_ld({pointer});"]
 
         def store(p: int) -> str:
             pointer = f"({words[p]}*)(out{p - n_in} + {offset(p)})"
-            statement = (f"tf_stcs({pointer}, b{p}.all);" if STREAMING
-                         else f"*{pointer} = b{p}.all;")
+            statement = f"*{pointer} = b{p}.all;"
             condition = None if flat else self.guard(p - n_in)
             return f"if ({condition}) {statement}" if condition else statement
 
