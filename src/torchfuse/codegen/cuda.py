@@ -373,10 +373,10 @@ class _Kernel:
         Streamed operands (not a row every row reuses) are loaded with a plain ``ld.global``
         (``tf_ld``); a reused row keeps NVRTC's read-only ``ld.global.nc``; stores are plain.
         Measured on an H100, kernel time against Inductor's in fresh processes (bench/RESULTS.md,
-        session 6): evict-first loads and stores (session 5's choice) were 0.3-2.8 % slower on
+        session 6): evict-first loads and stores (session 5's choice) were 1.3-2.7 % slower on
         gated, where_mix, bias_act_scale and gelu_tanh float32 there, though not in the bench's
         own process; ``ld.global.nc`` for streamed loads as quick as ``ld.global`` but on 16-byte
-        loads (gelu_tanh float16 1.5 % slower)."""
+        loads (gelu_tanh float16 1.7 % slower)."""
         width = self.width
         r, dtypes, n_in, flat = self.r, self.dtypes, self.n_in, self.flat
         words = [LOAD_TYPES[width * d.itemsize] for d in dtypes]
