@@ -15,7 +15,7 @@ from conftest import trace
 from test_ops import CASES, _inputs
 from torchfuse import bench, compiler, interface, ops
 from torchfuse.codegen import ptx
-from torchfuse.codegen.cuda import PTX_MARK, CUDARenderer
+from torchfuse.codegen.cuda import BLOCK, PTX_MARK, CUDARenderer
 from torchfuse.codegen.ptx import BOOL, DOUBLE, FLOAT, INT, LONG, TYPES, UINT, ULONG, common
 
 
@@ -167,7 +167,7 @@ def test_bench_workloads_have_a_ptx_entry():
         source = _source(workload.body, *inputs)
         assert PTX_MARK in source, workload.label
         entry = source[source.index(PTX_MARK):]
-        assert ".visible .entry tf_scalar32(" in entry and ".maxntid 256, 1, 1" in entry
+        assert ".visible .entry tf_scalar32(" in entry and f".maxntid {BLOCK}, 1, 1" in entry
 
 
 def test_every_op_case_has_a_ptx_entry_unless_it_reports_errors():
