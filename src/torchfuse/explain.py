@@ -93,6 +93,8 @@ def explain(fn: Callable, *args, **kwargs) -> Report:
 
     When an output requires grad, backward runs too, so the backward graph is reported as well.
     """
+    # A backend object of its own: Dynamo compiles fn anew instead of reusing code it compiled
+    # for ``capture.backend``, so this call's graphs reach ``collect``.
     def fresh(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
         return capture.backend(gm, example_inputs)
 
