@@ -17,7 +17,7 @@ import torchfuse
 from conftest import _tuple, assert_matches_eager, assert_same, make_input, trace
 from torchfuse import compiler, devices, executor, interface
 from torchfuse.cache import SPECS
-from torchfuse.codegen.cuda import PREAMBLE, CUDARenderer, is_flat, vector_width
+from torchfuse.codegen.cuda import PREAMBLE, CUDARenderer, instructions, is_flat, vector_width
 from torchfuse.config import override
 from torchfuse.devices import cuda as backend
 
@@ -147,6 +147,21 @@ def test_vector_width_is_8_or_16_bytes_of_the_widest_operand_32_in_rows_of_halve
     assert vector_width([bf16, bf16, bf16, torch.bool], 4, flat=False) == 8
     assert vector_width([f32, f32, f16], 4, flat=False) == 4
     assert vector_width([f32] * 7, 20, flat=False) == 2
+
+
+def test_a_heavy_flat_body_moves_16_bytes_a_thread():
+    f16 = torch.float16
+    assert vector_width([f16, f16, f16], 4, heavy=True) == 8
+    assert vector_width([f16, f16, f16], 4, flat=False, heavy=True) == 8  # rows: as before
+    assert instructions(["float v2 = v0 * v1;"]) == 1  # a statement: one
+    assert instructions(["float v2 = log1pf(v0) / v1;"]) == 1 + 33 + 16
+    x, y = (torch.randn(4096, dtype=f16) for _ in range(2))
+    mix = _source(lambda a, b: torch.where(a > 0, torch.log1p(a) * b, a * b), x, y)
+    assert "// vector elements: 8" in mix  # ~46 instructions for 6 bytes
+    assert "// vector elements: 4" in _source(lambda a, b: torch.exp(a) * b, x, y)  # ~14
+    rows = torch.randn(64, 256, dtype=f16)
+    lstm = _source(lambda a, b: torch.sigmoid(a) * torch.tanh(b), rows[:, :128], rows[:, 128:])
+    assert "// vector elements: 8" in lstm  # strided halves: 16 bytes either way
 
 
 def test_inputs_reused_by_every_row_do_not_count_as_streamed():

@@ -185,24 +185,57 @@ _FLOAT_TO_INT = {
 LOAD_TYPES = {32: "tf_uint4x2", 16: "uint4", 8: "uint2", 4: "uint32_t", 2: "uint16_t", 1: "uint8_t"}
 
 
-def vector_width(dtypes, streamed: int, flat: bool = True) -> int:
+# Instructions a math function takes per call on its common path, for vector_width's estimate of
+# a body's work (SASS of NVRTC 13.5 for sm_90, -fmad=false, counted up to the exit; rare paths
+# such as sin's reduction of huge arguments left out). Any other call or operator counts one, a
+# float division DIVIDE_COST.
+MATH_COST = {"exp": 10, "exp2": 4, "expm1": 24, "log": 28, "log1p": 33, "log2": 30, "log10": 29,
+             "sin": 30, "cos": 30, "tan": 40, "tanh": 17, "sinh": 25, "cosh": 16, "asin": 25,
+             "acos": 26, "atan": 19, "asinh": 46, "acosh": 47, "atanh": 42, "erf": 29, "erfc": 48,
+             "lgamma": 100, "sqrt": 13, "pow": 98, "atan2": 54, "hypot": 31, "fmod": 77}
+DIVIDE_COST = 16
+HEAVY = 6  # instructions an element per byte it moves from which a thread moves 16 bytes
+_CALLED = re.compile(r"\b([A-Za-z_]\w*?)f?\(")
+
+
+def instructions(body: list[str]) -> int:
+    """A rough count of the instructions one element of ``body`` (``T vN = EXPR;`` statements)
+    takes: a statement one, each call MATH_COST's or one, each division DIVIDE_COST."""
+    total = 0
+    for statement in body:
+        expr = statement.split("=", 1)[1]
+        total += 1 + sum(MATH_COST.get(name, 1) for name in _CALLED.findall(expr))
+        total += DIVIDE_COST * expr.count(" / ")
+    return total
+
+
+def vector_width(dtypes, streamed: int, flat: bool = True, heavy: bool = False) -> int:
     """Elements per thread in a vector kernel (``dtypes``: its operands; ``streamed``: the bytes
     per element of the inputs it streams from memory, which are neither broadcast nor reused by
-    every row): 8 bytes of the widest operand where a thread then still loads 16 bytes or more,
-    else 16 (one load or store of each operand); twice that (two) in a strided kernel whose
-    widest operand is float16 or bfloat16. Measured on the H100, x the copy floor:
+    every row; ``heavy``: its body takes HEAVY instructions or more per byte an element moves):
+    8 bytes of the widest operand where a thread then still loads 16 bytes or more and the body
+    is light, else 16 (one load or store of each operand); twice that (two) in a strided kernel
+    whose widest operand is float16 or bfloat16. Measured on the H100, x the copy floor or x
+    Inductor's kernel:
 
     - More threads that move less each fed the memory better (gated, where_mix float32 0.993 ->
       0.980, adam_step 1.005 -> 0.998; LSTM cell rows float32 0.983 -> 0.974), but a thread
       that loads only 8 bytes leaves too few bytes in flight (gelu_tanh, one input: 1.008 ->
       1.066; a bias added to rows, one streamed input: 1.008 -> 1.080).
+    - A heavy body spends its threads' time on index arithmetic and math, not on loads: 16 bytes
+      a thread, x Inductor, where_mix float16 (7.7 instructions a byte) 1.137 -> 1.002, bfloat16
+      1.165 -> 1.021, sin(x) * cos(y) float16 (11) 1.160 -> 0.992; light bodies lose by it
+      (gated float16, 5.3: 0.991 -> 1.002; sin(x) * cos(y) float32, 5.3: 1.000 -> 1.010).
+      Flat kernels only: the LSTM cell's float16 rows (9.3), at 32 elements a thread instead of
+      16, 1.0005 -> 1.012.
     - Strided float16/bfloat16 kernels compute in float, twice the work per byte of float32's,
       and unravel an index per thread: 16 elements pay for it where 8 left a GELU over
       bias-added rows at 1.10 (-> 1.04). Not in flat kernels (gelu_tanh float16 1.033 -> 1.042).
     """
     widest = max(d.itemsize for d in dtypes)
     narrow = max(1, VECTOR_BYTES // 2 // widest)
-    width = narrow if narrow * streamed >= VECTOR_BYTES else VECTOR_BYTES // widest
+    light = not (heavy and flat) and narrow * streamed >= VECTOR_BYTES
+    width = narrow if light else VECTOR_BYTES // widest
     return width * 2 if widest == 2 and not flat else width
 
 
@@ -275,7 +308,9 @@ class _Kernel:
         self.flat = is_flat(argspec)
         streamed = sum(d.dtype.itemsize for d in argspec.inputs
                        if d.inner == CONTIG and not d.reused)
-        self.width = vector_width(self.dtypes, streamed, self.flat)  # vector kernel's elements
+        moved = streamed + sum(d.itemsize for d in self.dtypes[self.n_in:])
+        heavy = instructions(self.body) >= HEAVY * moved
+        self.width = vector_width(self.dtypes, streamed, self.flat, heavy)  # vector elements
 
     # ---- parameters --------------------------------------------------------------------------
 
