@@ -41,6 +41,7 @@ KERNELS, LOCKS, HITS = "kernels", "locks", "hits"
 LOCK_TIMEOUT = 600.0  # seconds to wait for another process's compile before compiling alone
 _HEADER = len(MAGIC) + hashlib.sha256().digest_size
 _warned: set[str] = set()
+_accepted: set[str] = set()  # roots whose folders this process made or found private
 
 
 def load_or_compile(backend, source: str, device: torch.device) -> tuple[bytes, bool]:
@@ -93,10 +94,13 @@ def cache_root() -> str | None:
     if not config.cache:
         return None
     root = _root()
+    if root in _accepted:  # checked once: the check's nine system calls each let go of the GIL,
+        return root  # and a build on a thread beside torch.compile's tracing waits to get it back
     problem = _refusal(root)
     if problem:
         _warn_once(f"torchfuse: kernel cache {root} refused: {problem}; kernels stay in memory")
         return None
+    _accepted.add(root)
     return root
 
 
@@ -170,6 +174,7 @@ def _store(root: str, key: str, binary: bytes) -> None:
         os.replace(temporary, _entry_path(root, key))
     except OSError as error:
         log(1, f"kernel cache: cannot store {key}: {error}")
+        _accepted.discard(root)  # checked again next time (the folders may be gone)
         if temporary is not None:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
