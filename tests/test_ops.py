@@ -210,6 +210,43 @@ def test_op_dtypes_scalar_ptx(name, dtype, monkeypatch):
     _scalar_ptx_against_nvrtc(fn, _inputs(name, arity, dtype, device="cuda"), monkeypatch)
 
 
+def _division_operands(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every pair of: mantissas 1, 1.5, 1 + 2**-23, 2 - 2**-23 at the exponents where float
+    division changes regime (subnormal, the normal range's ends, the ends of codegen/ptx.py's
+    fast path at 2**-62 and 2**62), both signs, 0, Inf, NaN; then random bit patterns, and
+    random ones at the fast path's ends."""
+    mantissas = (1.0, 1.5, 1 + 2**-23, 2 - 2**-23)
+    exponents = (-149, -140, -127, -126, -125, -100, -64, -63, -62, -61, -1, 0, 1, 24, 60, 61,
+                 62, 63, 64, 100, 126, 127)
+    values = {m * 2.0**e for m in mantissas for e in exponents} | {0.0, math.inf, math.nan}
+    edges = torch.tensor(sorted(values, key=str), dtype=torch.float32)
+    edges = torch.cat([edges, -edges])
+    a, b = edges.repeat_interleave(len(edges)), edges.repeat(len(edges))
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31, (2, 1 << 18), generator=gen, dtype=torch.int64)
+    ends = torch.tensor([65, 66, 126, 127, 187, 188])  # biased exponents: the fast path's ends
+    pick = torch.randint(len(ends), (2, 1 << 18), generator=gen)
+    near = (bits & ~(0xFF << 23)) | (ends[pick] << 23)  # random sign and mantissa
+    noise = torch.cat([bits, near], 1).to(torch.int32).view(torch.float32)
+    return torch.cat([a, noise[0]]).to(device), torch.cat([b, noise[1]]).to(device)
+
+
+@pytest.mark.cuda
+def test_float_division_scalar_ptx_on_every_kind_of_operand(monkeypatch):
+    """The assembled entry divides without div.rn.f32 (codegen/ptx.Emitter.divide): both of its
+    paths against NVRTC's division and eager's, bit for bit."""
+    a, b = _division_operands("cuda")
+    _scalar_ptx_against_nvrtc(lambda x, y: x / y, [a, b], monkeypatch)
+    with override(cache=False):
+        torchfuse.clear_cache()
+        (got,) = run_registered(lambda x, y: x / y, a, b)
+    want = a / b
+    assert torch.equal(got.isnan(), want.isnan())
+    bits = [torch.where(t.isnan(), 0, t).view(torch.int32) for t in (got, want)]
+    wrong = (bits[0] != bits[1]).nonzero().flatten()[:5].tolist()
+    assert not wrong, [(a[i].item(), b[i].item(), got[i].item(), want[i].item()) for i in wrong]
+
+
 def _layouts(arity, dtype, device):
     """(label, inputs) for every layout a kernel must handle."""
     def mk(shape, **kw):

@@ -53,8 +53,10 @@ def test_integer_constants_become_float_constants_and_products_are_rounded():
     value, lines = _translate("1 / (1 + expf(-v0)) * v1", v0="float", v1="float")
     assert value.t == FLOAT
     assert any(line.startswith("mov.f32") and "0f3F800000" in line for line in lines)
-    assert not any(line.startswith("cvt") for line in lines)  # 1 is 1.0f, no conversion
-    assert any(line.startswith("div.rn.f32") for line in lines)  # IEEE division
+    assert not any(line.startswith(("cvt.rn.f32.s", "cvt.rn.f32.u")) for line in lines)  # 1.0f
+    assert not any(line.startswith("div.") for line in lines)  # IEEE division, by hand:
+    assert any(line.startswith("rcp.approx.ftz.f32") for line in lines)  # fast path
+    assert any(line.startswith("rcp.approx.ftz.f64") for line in lines)  # the rest in double
     assert any(line.startswith("add.rn.f32") for line in lines)  # no contraction into an fma
     assert any(line.startswith("mul.rn.f32") for line in lines)
     assert any("call.uni (retval0), tf_lib_expf" in line for line in lines)

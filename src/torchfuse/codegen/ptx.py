@@ -291,6 +291,7 @@ class Emitter:
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.counts = dict.fromkeys(REGISTERS, 0)
+        self.labels = 0  # divisions so far: their labels
 
     def op(self, text: str) -> None:
         self.lines.append(f"\t{text};")
@@ -413,6 +414,8 @@ class Emitter:
             self.op(f"setp.{'neu' if cmp == 'ne' and t.kind == 'f' else cmp}.{t.ptx} "
                     f"{d.reg}, {a.reg}, {b.reg}")
             return d
+        if op == "/" and t == FLOAT:
+            return self.divide(a, b)
         name = self._ARITH[op]
         floating = t.kind == "f"
         if floating and op in "%&|^":
@@ -425,6 +428,76 @@ class Emitter:
             kind = f"{name}{'.lo' if op == '*' else ''}.{t.ptx}"
         d = self.new(t)
         self.op(f"{kind} {d.reg}, {a.reg}, {b.reg}")
+        return d
+
+    # float operands in [2**-62, 2**62): biased exponents FAST_EXPONENT .. + FAST_EXPONENTS
+    FAST_EXPONENT, FAST_EXPONENTS = 127 - 62, 123
+
+    def divide(self, a: Value, b: Value) -> Value:
+        """Float ``a / b`` rounded as ``div.rn.f32`` rounds it, without that instruction, whose
+        out-of-line slow path costs ptxas 5-12 ms a kernel (a small kernel's whole assembly
+        takes 10-15). Where both operands lie in [2**-62, 2**62), CUDA's own fast path (what
+        its division runs once FCHK finds the operands safe): the reciprocal, one Newton step,
+        the quotient, its remainder (exact: no intermediate can overflow, underflow or be
+        subnormal there) and the correction. Elsewhere (zero, Inf, NaN, subnormal or extreme
+        operands, rare in practice) in double: the reciprocal refined twice, the quotient and
+        its correction are within an ulp of double of a / b, and rounding that to float gives
+        float a / b (a quotient of floats lies 2**-49 or more, relatively, from every midpoint
+        between floats that it is not equal to; equal, it is exact). Zero, Inf and NaN
+        operands take a * (1 / b) instead, with 1 / b exact for b = ±0 and ±Inf."""
+        self.labels += 1
+        k = self.labels
+        d = self.new(FLOAT)
+        inside = []
+        for v in (a, b):
+            bits, p = self.new("r"), self.new(BOOL)
+            self.op(f"mov.b32 {bits}, {v.reg}")
+            self.op(f"bfe.u32 {bits}, {bits}, 23, 8")
+            self.op(f"sub.u32 {bits}, {bits}, {self.FAST_EXPONENT}")
+            self.op(f"setp.le.u32 {p.reg}, {bits}, {self.FAST_EXPONENTS}")
+            inside.append(p.reg)
+        fast = self.new(BOOL)
+        self.op(f"and.pred {fast.reg}, {inside[0]}, {inside[1]}")
+        self.op(f"@!{fast.reg} bra $L_div{k}_wide")
+        r, e, q, m, nb = (self.new(FLOAT).reg for _ in range(5))
+        self.op(f"neg.f32 {nb}, {b.reg}")
+        self.op(f"rcp.approx.ftz.f32 {r}, {b.reg}")
+        self.op(f"fma.rn.f32 {e}, {nb}, {r}, 0f3F800000")
+        self.op(f"fma.rn.f32 {r}, {r}, {e}, {r}")
+        self.op(f"mul.rn.f32 {q}, {a.reg}, {r}")
+        self.op(f"fma.rn.f32 {m}, {nb}, {q}, {a.reg}")
+        self.op(f"fma.rn.f32 {d.reg}, {m}, {r}, {q}")
+        self.op(f"bra $L_div{k}_done")  # not .uni: the warp may have diverged above
+        self.lines.append(f"$L_div{k}_wide:")
+        wa, wb, nw, r0, q0, rw, ew, qw, mw = (self.new(DOUBLE).reg for _ in range(9))
+        self.op(f"cvt.f64.f32 {wa}, {a.reg}")
+        self.op(f"cvt.f64.f32 {wb}, {b.reg}")
+        self.op(f"neg.f64 {nw}, {wb}")
+        self.op(f"rcp.approx.ftz.f64 {rw}, {wb}")
+        size, zero, infinite, finite = self.new(FLOAT).reg, *(self.new(BOOL).reg for _ in range(3))
+        self.op(f"abs.f32 {size}, {b.reg}")  # 1 / ±0 = ±Inf and 1 / ±Inf = ±0, exactly:
+        self.op(f"setp.eq.f32 {zero}, {size}, 0f00000000")
+        self.op(f"setp.eq.f32 {infinite}, {size}, 0f7F800000")
+        self.op(f"copysign.f64 {r0}, {wb}, 0d7FF0000000000000")
+        self.op(f"selp.f64 {r0}, {r0}, {rw}, {zero}")
+        self.op(f"copysign.f64 {q0}, {wb}, 0d0000000000000000")
+        self.op(f"selp.f64 {r0}, {q0}, {r0}, {infinite}")
+        self.op(f"mul.rn.f64 {q0}, {wa}, {r0}")
+        for _ in range(2):
+            self.op(f"fma.rn.f64 {ew}, {nw}, {rw}, 0d3FF0000000000000")
+            self.op(f"fma.rn.f64 {rw}, {rw}, {ew}, {rw}")
+        self.op(f"mul.rn.f64 {qw}, {wa}, {rw}")
+        self.op(f"fma.rn.f64 {mw}, {nw}, {qw}, {wa}")
+        self.op(f"fma.rn.f64 {qw}, {mw}, {rw}, {qw}")
+        both = self.new(BOOL).reg
+        for v, p in ((a, finite), (b, both)):  # 0 < |v| < Inf (not testp.normal: true for 0)
+            self.op(f"abs.f32 {size}, {v.reg}")
+            self.op(f"setp.gt.f32 {p}, {size}, 0f00000000")
+            self.op(f"setp.lt.and.f32 {p}, {size}, 0f7F800000, {p}")
+        self.op(f"and.pred {both}, {both}, {finite}")
+        self.op(f"selp.f64 {qw}, {qw}, {q0}, {both}")
+        self.op(f"cvt.rn.f32.f64 {d.reg}, {qw}")
+        self.lines.append(f"$L_div{k}_done:")
         return d
 
     def select(self, c: Value, a: Value, b: Value) -> Value:
