@@ -10,7 +10,8 @@ Math functions and the shared helpers (``expf``, ``tf_maxf``, ...) become calls 
 functions from a *library*: the same functions compiled by NVRTC once per machine
 (:func:`library_source`; devices/cuda caches it), so an element's value is the one the C entry
 computes, bit for bit. :func:`link` puts an entry and the library functions it calls into one
-module.
+module. Float division is written out (:meth:`Emitter.divide`), rounded as ``div.rn.f32``
+rounds, without that instruction's out-of-line slow path and the ptxas time it costs.
 
 The C this understands: the types of ``TYPES``; literals, ``v<id>``, ``NAN``/``INFINITY``;
 unary ``- ! ~``; the binary arithmetic, bitwise, shift, comparison and logical operators; ``?:``;
