@@ -1,0 +1,56 @@
+"""The benchmark's parts that need no timing: a group's build timed alone, the report of a
+result file (earlier sessions' too, without the newer columns), the CPU bench's heap setting.
+The bench itself is a benchmark, not a test: nothing here runs or judges its measurements."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchfuse
+from torchfuse import bench
+from torchfuse.config import override
+
+RESULTS = Path(__file__).resolve().parent.parent / "bench"
+needs_cc = pytest.mark.skipif(not torchfuse.can_fuse("cpu"), reason="no C compiler")
+
+
+@needs_cc
+def test_build_seconds_compiles_every_round_on_a_cache_of_its_own(tmp_path):
+    gated = next(w for w in bench.WORKLOADS if w.name == "gated")
+    args = (torch.randn(64), torch.randn(64))
+    key = bench.register(gated, args)
+    with override(cache_dir=str(tmp_path)):
+        before = torchfuse.cache_info()["compiles"]
+        seconds = bench.build_seconds(key, args)
+        assert torchfuse.cache_info()["compiles"] - before == bench.BUILD_ROUNDS  # cold each time
+    assert seconds > 0
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # the configured cache: untouched
+
+
+@pytest.mark.parametrize("name", ["results-cpu-session6.json", "results-cpu-session7.json",
+                                  "results-cuda-session7.json"])
+def test_report_reads_result_files(name):
+    with open(RESULTS / name) as f:
+        result = json.load(f)
+    text = bench.report(result)
+    assert "| gated | float32 |" in text and "tf build s" in text
+    builds = [r.get("torchfuse_build_s") for r in result["rows"] if r["n"] == result["large"]]
+    if all(b is None for b in builds):  # written before the column: a dash in its place
+        assert "| gated | float32 | — |" in text
+
+
+def test_steady_heap_leaves_allocation_working():
+    code = ("from torchfuse import bench; bench.steady_heap(); import torch; "
+            "x = torch.ones(1 << 22); y = x * 2; del x; print(float(y.sum()))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.split()[-1]) == 2.0 * (1 << 22)
