@@ -470,7 +470,7 @@ class Emitter:
         self.op(f"fma.rn.f32 {d.reg}, {m}, {r}, {q}")
         self.op(f"bra $L_div{k}_done")  # not .uni: the warp may have diverged above
         self.lines.append(f"$L_div{k}_wide:")
-        wa, wb, nw, r0, q0, rw, ew, qw, mw = (self.new(DOUBLE).reg for _ in range(9))
+        wa, wb, nw, r0, rz, q0, rw, ew, qw, mw = (self.new(DOUBLE).reg for _ in range(10))
         self.op(f"cvt.f64.f32 {wa}, {a.reg}")
         self.op(f"cvt.f64.f32 {wb}, {b.reg}")
         self.op(f"neg.f64 {nw}, {wb}")
@@ -479,10 +479,10 @@ class Emitter:
         self.op(f"abs.f32 {size}, {b.reg}")  # 1 / ±0 = ±Inf and 1 / ±Inf = ±0, exactly:
         self.op(f"setp.eq.f32 {zero}, {size}, 0f00000000")
         self.op(f"setp.eq.f32 {infinite}, {size}, 0f7F800000")
-        self.op(f"copysign.f64 {r0}, {wb}, 0d7FF0000000000000")
+        self.op(f"copysign.f64 {r0}, {wb}, 0d7FF0000000000000")  # 1 / ±0
         self.op(f"selp.f64 {r0}, {r0}, {rw}, {zero}")
-        self.op(f"copysign.f64 {q0}, {wb}, 0d0000000000000000")
-        self.op(f"selp.f64 {r0}, {q0}, {r0}, {infinite}")
+        self.op(f"copysign.f64 {rz}, {wb}, 0d0000000000000000")  # 1 / ±Inf
+        self.op(f"selp.f64 {r0}, {rz}, {r0}, {infinite}")
         self.op(f"mul.rn.f64 {q0}, {wa}, {r0}")
         for _ in range(2):
             self.op(f"fma.rn.f64 {ew}, {nw}, {rw}, 0d3FF0000000000000")
