@@ -422,18 +422,23 @@ def test_flat_calls_take_the_quick_path(cuda_fusion):
         pytest.skip("no native launcher here")
     handles, native = [], launch.native
 
-    class Spy:  # the entry is picked in C (test_executor checks how)
+    class Spy:  # the entry is picked in C (test_executor checks how), by either launch
         def cuda_pick(self, cu_launch, scalar, vector, *rest):
             handles.append((scalar, vector))
             return native.cuda_pick(cu_launch, scalar, vector, *rest)
 
+        def prepare_cuda(self, cu_launch, current, scalar, vector, *rest):
+            handles.append((scalar, vector))
+            return native.prepare_cuda(cu_launch, current, scalar, vector, *rest)
+
     launch.native = Spy()
     try:
-        assert_same(fused(x)[0], fn(x))
-        assert_same(fused(x[1:])[0], fn(x[1:]))  # misaligned: the scalar entry
+        for _ in range(2):
+            assert_same(fused(x)[0], fn(x))
+            assert_same(fused(x[1:])[0], fn(x[1:]))  # misaligned: the scalar entry
     finally:
         launch.native = native
-    assert handles == [(launch.scalar, launch.kernels["vector32"][1])] * 2
+    assert handles and set(handles) == {(launch.scalar, launch.kernels["vector32"][1])}
 
 
 @gpu
@@ -450,22 +455,30 @@ def test_strided_calls_take_the_quick_path(cuda_fusion):
         pytest.skip("no native launcher here")
     offered, native = [], launch.native
 
-    class Spy:
+    class Spy:  # by either launch: its own, or the one prepared for a plan (2-d: 2 sizes)
         def cuda_pick(self, cu_launch, scalar, vector, width, block, stream, numel, sizes,
                       magic, *rest):
             offered.append((vector, list(sizes), list(magic)))
             return native.cuda_pick(cu_launch, scalar, vector, width, block, stream, numel, sizes,
                                     magic, *rest)
 
+        def prepare_cuda(self, cu_launch, current, scalar, vector, width, block, stream, index,
+                         constants, *rest):
+            offered.append((vector, constants[1:3], constants[3:5]))
+            return native.prepare_cuda(cu_launch, current, scalar, vector, width, block, stream,
+                                       index, constants, *rest)
+
     launch.native = Spy()
+    odd = x[:, :94]  # rows of 94: no whole vectors
     try:
-        assert_same(fused(x, x[0])[0], fn(x, x[0]))
-        odd = x[:, :94]  # rows of 94: no whole vectors
-        assert_same(fused(odd, odd[0].clone())[0], fn(odd, odd[0]))
+        for _ in range(2):
+            assert_same(fused(x, x[0])[0], fn(x, x[0]))
+            assert_same(fused(odd, odd[0].clone())[0], fn(odd, odd[0]))
     finally:
         launch.native = native
-    assert offered == [(launch.kernels["vector32"][1], [64, 96], backend.dividers((64, 96))),
-                       (0, [64, 94], backend.dividers((64, 94)))]
+    assert len(offered) >= 2 and set(map(repr, offered)) == set(map(repr, [
+        (launch.kernels["vector32"][1], [64, 96], backend.dividers((64, 96))),
+        (0, [64, 94], backend.dividers((64, 94)))]))
 
 
 @gpu

@@ -7,6 +7,7 @@ import functools
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -250,3 +251,78 @@ def test_native_cuda_launch_picks_the_entry_by_alignment():
         native.cuda_pick(address, scalar, vector, 4, 256, 7, 10, [10], [], [1])
     with pytest.raises(ValueError):
         native.cuda_pick(address, scalar, vector, 0, 256, 7, 10, [10], [], [1], [x])
+
+
+class Counted:
+    """A prepared call that counts its calls."""
+
+    def __init__(self, call):
+        self.call, self.calls = call, 0
+
+    def __call__(self, *operands):
+        self.calls += 1
+        return self.call(*operands)
+
+
+def prepared_call(spec: object, key: int, *inputs) -> Counted:
+    """Run the fusion until its plan has a prepared call (a CUDA kernel's vector entry builds
+    first), and count that call's calls from then on."""
+    for _ in range(2):
+        torchfuse.run_fusion(key, *inputs)
+        spec.kernels.settle()
+    recent = spec.plans[0]
+    if recent.prepared is None:
+        pytest.skip("no native launcher here")
+    kernel, call = recent.prepared
+    recent.prepared = kernel, Counted(call)
+    return recent.prepared[1]
+
+
+def test_a_plans_later_calls_run_its_prepared_call(device):
+    """Once a plan's kernel has run, its calls allocate and launch in one native call
+    (devices/launch.c's Call), and match eager: a misaligned input of the same layout too (a
+    CUDA kernel's scalar entry), and several outputs. A call from a thread that has not used
+    the GPU yet takes the general path, which makes the GPU current there."""
+    fn = lambda x, y: (gated(x, y), x - y)  # noqa: E731
+    x, y = (make_input((4096,), torch.float32, device) for _ in range(2))
+    key = torchfuse.register_fusion(trace(fn, x, y))
+    spec = SPECS[key]
+    counted = prepared_call(spec, key, x, y)
+    assert_same(torchfuse.run_fusion(key, x, y), fn(x, y))
+    shifted = make_input((4097,), torch.float32, device)[1:]
+    assert_same(torchfuse.run_fusion(key, shifted, y), fn(shifted, y))
+    assert counted.calls == 2
+    with ThreadPoolExecutor(1) as pool:
+        for _ in range(2):
+            assert_same(pool.submit(torchfuse.run_fusion, key, y, x).result(), fn(y, x))
+    assert counted.calls == 4  # on a GPU the first returns None: no context in that thread
+    with pytest.raises(TypeError, match="operands"):
+        counted.call(x)  # a wrong count: Python's error, not a crash
+
+
+def test_prepared_calls_step_aside(device):
+    """A prepared call serves only its own kernel: after clear_cache the kernel is rebuilt; with
+    TORCHFUSE_CHECK every call is checked on the general path."""
+    x, y = (make_input((64,), torch.float32, device) for _ in range(2))
+    key = torchfuse.register_fusion(trace(gated, x, y))
+    spec = SPECS[key]
+    counted = prepared_call(spec, key, x, y)
+    with torchfuse.config.override(check=True):
+        assert_same(torchfuse.run_fusion(key, x, y), gated(x, y))
+    assert counted.calls == 0
+    torchfuse.clear_cache()
+    assert_same(torchfuse.run_fusion(key, x, y), gated(x, y))
+    assert torchfuse.cache_info()["misses"] == 1 and counted.calls == 0
+
+
+def test_a_prepared_kernels_error_gives_eagers_error():
+    """A C kernel that reports an error from its prepared call (integer division by zero):
+    eager's error, through the general path and the fallback."""
+    fn = lambda a, b: torch.div(a, b, rounding_mode="floor") + 1  # noqa: E731
+    a, b = (make_input((64,), torch.int32, low=1) for _ in range(2))
+    key = torchfuse.register_fusion(trace(fn, a, b))
+    counted = prepared_call(SPECS[key], key, a, b)
+    with pytest.raises(RuntimeError, match="ZeroDivisionError|division by zero"):
+        torchfuse.run_fusion(key, a, torch.zeros_like(b))
+    assert counted.calls == 1
+    assert_same(torchfuse.run_fusion(key, a, b), fn(a, b))

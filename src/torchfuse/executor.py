@@ -32,15 +32,21 @@ class NoKernel(Exception):
 
 def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Run one fusion: a fused kernel where possible, else the fallback."""
-    planned = _recall(spec, inputs)
-    if planned is None:
+    recent = _recall(spec, inputs)
+    if recent is not None:
+        planned = recent.plan
+        if not config.check:
+            outputs = _quick(spec.kernels.get(planned[0]), recent.prepared, inputs)
+            if outputs is not None:
+                return outputs
+    else:
         try:
             if config.disable:
                 raise NoKernel("TORCHFUSE_DISABLE is set")
             planned = plan(spec, inputs)
         except NoKernel as why:
             return _fallback(spec, inputs, str(why))
-        _remember(spec, inputs, planned)
+        recent = _remember(spec, inputs, planned)
     key, device, numel, sizes, strides, outs = planned
     kernel = spec.kernels.get(key)
     if kernel is None:
@@ -60,7 +66,33 @@ def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
             return _fallback(spec, inputs, ERRORS.get(error, f"kernel error {error}"))
     if config.check:
         _check(spec, inputs, outputs)
+    elif recent is not None and (recent.prepared is None or recent.prepared[0] is not kernel):
+        recent.prepared = _prepare(kernel, planned, len(inputs))
     return tuple(outputs)
+
+
+def _quick(kernel, prepared: tuple | None, operands: Sequence) -> tuple[torch.Tensor, ...] | None:
+    """The outputs of a plan's prepared call, where it was prepared for this kernel and it ran;
+    else None: the general path runs (and reports any error)."""
+    if prepared is None or prepared[0] is not kernel:
+        return None
+    outputs = prepared[1](*operands)
+    if outputs.__class__ is not tuple:  # None (not from this thread as it is) or an error code
+        return None
+    STATS.hits += 1
+    return outputs
+
+
+def _prepare(kernel, planned: tuple, n_operands: int) -> tuple | None:
+    """(kernel, its launch prepared for this plan: devices/launch.c's Call, which allocates the
+    outputs and launches in one call from Python), or None where the launch offers none yet."""
+    prepare = getattr(kernel.launch, "prepare", None)
+    if prepare is None:
+        return None
+    _, _, numel, sizes, strides, outs = planned
+    outs = tuple((shape, st, dtype) for (shape, st), dtype in zip(outs, kernel.out_dtypes))
+    call = prepare(numel, sizes, strides, outs, n_operands)
+    return None if call is None else (kernel, call)
 
 
 def bind(spec: KernelSpec, examples: Sequence, views: Sequence | None = None,
@@ -82,9 +114,10 @@ def bind(spec: KernelSpec, examples: Sequence, views: Sequence | None = None,
         return None
     try:
         with torch.no_grad():
-            key, device, numel, sizes, strides, outs = plan(spec, examples)
+            planned = plan(spec, examples)
     except NoKernel:
         return None
+    key, device, numel, sizes, strides, outs = planned
     shapes = [tuple(t.shape) for t in arguments]
     layouts = [t.stride() for t in arguments]
     empty = devices.allocator(device)
@@ -101,9 +134,10 @@ def bind(spec: KernelSpec, examples: Sequence, views: Sequence | None = None,
                 for i, _, shape, stride, offset in table]
 
     guard = None  # the guard of the first call's arguments, once they fit the plan
+    prepared = None  # the kernel's launch prepared for the plan, once it has run (_prepare)
 
     def fusion(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        nonlocal guard
+        nonlocal guard, prepared
         kernel = spec.kernels.get(key)
         if kernel is None or kernel.launch is None or config.disable or config.check:
             return run(spec, inputs_of(args))
@@ -112,14 +146,19 @@ def bind(spec: KernelSpec, examples: Sequence, views: Sequence | None = None,
                 return run(spec, inputs_of(args))
             if guard is None:
                 guard = _guard_of(args)
-        STATS.hits += 1
-        outputs = [empty(shape, st, dtype) for (shape, st), dtype in zip(outs, kernel.out_dtypes)]
         operands = args if table is None else [
             args[i] if nbytes is None else args[i].data_ptr() + nbytes
             for i, nbytes, *_ in table]
+        outputs = _quick(kernel, prepared, operands)
+        if outputs is not None:
+            return outputs
+        STATS.hits += 1
+        outputs = [empty(shape, st, dtype) for (shape, st), dtype in zip(outs, kernel.out_dtypes)]
         if numel and kernel.launch(numel, sizes, strides, [*operands, *outputs]):
             # the kernel refused (division by zero): eager's error
             return run(spec, inputs_of(args))
+        if prepared is None or prepared[0] is not kernel:
+            prepared = _prepare(kernel, planned, len(operands))
         return tuple(outputs)
 
     fusion.__name__ = f"fusion_{spec.key}"  # how the compiled graph's code names it
@@ -154,25 +193,38 @@ _Guards = getattr(_Guards, "TensorGuards", None)
 RECENT = 4  # plans remembered per spec, with their guards
 
 
-def _recall(spec: KernelSpec, inputs: Sequence) -> tuple | None:
-    """The plan of a recent call whose inputs these match in everything a plan reads (one
-    guard check in C++, ~0.1 µs a tensor, where planning in Python takes 1.5-5 µs); else None."""
+class Recent:
+    """A recent call's plan and the guard its inputs passed; once its kernel has run, the
+    kernel's launch prepared for the plan (``_prepare``)."""
+
+    __slots__ = ("guard", "plan", "prepared")
+
+    def __init__(self, guard, planned: tuple) -> None:
+        self.guard, self.plan, self.prepared = guard, planned, None
+
+
+def _recall(spec: KernelSpec, inputs: Sequence) -> Recent | None:
+    """The recent plan whose inputs these match in everything a plan reads (one guard check in
+    C++, ~0.1 µs a tensor, where planning in Python takes 1.5-5 µs); else None."""
     if len(inputs) == spec.graph.n_inputs and not config.disable:
-        for guard, planned in spec.plans:
-            if guard.check(*inputs):
-                return planned
+        for recent in spec.plans:
+            if recent.guard.check(*inputs):
+                return recent
     return None
 
 
-def _remember(spec: KernelSpec, inputs: Sequence, planned: tuple) -> None:
+def _remember(spec: KernelSpec, inputs: Sequence, planned: tuple) -> Recent | None:
     """Keep a plan with the guard of its inputs, most recent first. Not where an input requires
     grad (the plan then depends on grad mode, which the guard does not see), or is passed twice
     (the guard refuses repeated tensors)."""
     if any(t.requires_grad for t in inputs) or len({id(t) for t in inputs}) != len(inputs):
-        return
+        return None
     guard = _guard_of(inputs)
-    if guard is not _NO_GUARD:
-        spec.plans = ((guard, planned), *spec.plans[:RECENT - 1])  # one assignment: thread-safe
+    if guard is _NO_GUARD:
+        return None
+    recent = Recent(guard, planned)
+    spec.plans = (recent, *spec.plans[:RECENT - 1])  # one assignment: thread-safe
+    return recent
 
 
 class _NoGuard:

@@ -78,5 +78,6 @@ def clear_cache() -> None:
     """Forget compiled kernels and statistics. Registered keys stay valid."""
     for spec in SPECS.specs():
         spec.kernels.clear()
+        spec.plans = ()  # their prepared calls hold kernels too
         spec.warned.clear()
     STATS.reset()

@@ -91,7 +91,7 @@ class KernelSpec:
     kernels: Any  # cache.KernelStore, mapping argspec keys to Kernels
     warned: set = dataclasses.field(default_factory=set)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    plans: tuple = ()  # the executor's recent plans, each with the guard its inputs passed
+    plans: tuple = ()  # the executor's recent plans (executor.Recent), most recent first
 
     @functools.cached_property  # asked on every call: the executor's fast path
     def full_outputs(self) -> bool:

@@ -33,7 +33,10 @@ class Backend(Protocol):
 
     def load(self, binary: bytes, device: torch.device, source: str) -> Callable[..., int]:
         """A binary (of ``source``) to ``launch(numel, sizes, strides, tensors) -> error code``;
-        an int in place of a tensor is its data pointer."""
+        an int in place of a tensor is its data pointer. The launch may also offer
+        ``prepare(numel, sizes, strides, outs, n_operands) -> call | None``: the kernel bound to
+        one plan, ``call(*operands)`` returning the outputs (``outs``: (shape, strides, dtype)
+        each) it allocated and computed, or anything else where the general path must run."""
 
     def device_key(self, device: torch.device) -> str:
         """The part of an ArgSpec naming the device: kernels are shared between equal keys."""

@@ -151,11 +151,7 @@ class CPUBackend:
         return "cpu"
 
     def allocator(self, device: torch.device) -> Callable[..., torch.Tensor]:
-        # What Inductor's CPU wrappers allocate with: half the cost of torch.empty_strided.
-        fast = getattr(getattr(torch._C, "_dynamo", None), "guards", None)
-        fast = getattr(fast, "_empty_strided_cpu", None)
-        return fast or (lambda shape, strides, dtype: torch.empty_strided(shape, strides,
-                                                                            dtype=dtype))
+        return _empty
 
     def compile(self, source: str, device: torch.device) -> bytes:
         reason = self.unavailable()
@@ -187,6 +183,7 @@ class CPUBackend:
         if native is not None:
             address = ctypes.cast(function, ctypes.c_void_p).value
             launch = functools.partial(native.cpu, address)
+            launch.prepare = functools.partial(_prepare, native, address, library)
         else:
             function.restype = ctypes.c_int
             function.argtypes = [ctypes.c_void_p]
@@ -199,6 +196,20 @@ class CPUBackend:
 
         launch.library = library  # keeps the library mapped while the kernel lives
         return launch
+
+
+# What Inductor's CPU wrappers allocate with: half the cost of torch.empty_strided.
+_empty = getattr(getattr(getattr(torch._C, "_dynamo", None), "guards", None),
+                 "_empty_strided_cpu", None) or (
+    lambda shape, strides, dtype: torch.empty_strided(shape, strides, dtype=dtype))
+
+
+def _prepare(native, address: int, library, numel: int, sizes: list[int], strides: list[int],
+             outs: tuple, n_operands: int):
+    """The kernel bound to one plan (devices/launch.c's Call): ``call(*operands)`` allocates the
+    outputs (``outs``: their shapes, strides and dtypes) and runs it."""
+    return native.prepare_cpu(address, [numel, *sizes, *strides], n_operands, _empty, outs,
+                              library)
 
 
 def _failure_report(source: str, cmd: list[str], log: str) -> str:

@@ -13,14 +13,15 @@ elements). A kernel is ready to run once its scalar entry is compiled; the vecto
 times slower to compile, follows on a background thread. The scalar entry is assembled from the
 PTX the source carries (codegen/ptx.py) where it can be: ptxas alone, about twice as quick as
 NVRTC, with math functions from a PTX library NVRTC compiles once per machine.
-Launches go through the native launcher (devices/launch.c: cuLaunchKernel with the arguments
-packed in C) where it is built, else through cuda.core. The grid has a thread for every element
-(or vector), and the block scheduler keeps every multiprocessor fed to the end: a grid of only
-as many blocks as the GPU holds at once, each thread looping over the tensor, ran at 1.05-1.24x
-the copy floor at 2**26 elements where this one runs at 0.98-1.02x (its threads waited on each
-iteration's loads). Kernels whose body can fail (integer division by zero) get a device flag
-that is read back after the launch, which waits for the kernel: only those kernels pay that
-synchronisation, the others return as soon as the launch is queued.
+Launches go through the native launcher (devices/launch.c: cuLaunchKernel with the arguments packed
+in C) where it is built, else through cuda.core; the executor's guarded calls go through a launch
+prepared for their plan (``_Launcher.prepare``), which allocates the outputs in C too. The grid has
+a thread for every element (or vector), and the block scheduler keeps every multiprocessor fed to
+the end: a grid of only as many blocks as the GPU holds at once, each thread looping over the
+tensor, ran at 1.05-1.24x the copy floor at 2**26 elements where this one runs at 0.98-1.02x (its
+threads waited on each iteration's loads). Kernels whose body can fail (integer division by zero)
+get a device flag that is read back after the launch, which waits for the kernel: only those kernels
+pay that synchronisation, the others return as soon as the launch is queued.
 (CUDA eager does not raise there, so the fallback then gives eager's own values.)
 """
 
@@ -136,6 +137,8 @@ def _unavailable() -> str | None:
 # ---- streams and contexts --------------------------------------------------------------------
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_empty_strided = getattr(getattr(getattr(torch._C, "_dynamo", None), "guards", None),
+                         "_empty_strided_cuda", None)  # Inductor's: on the current GPU
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 _streams: dict[tuple[int, int], object] = {}
 _threads = threading.local()
@@ -231,9 +234,7 @@ class CUDABackend:
         return key
 
     def allocator(self, device: torch.device) -> Callable[..., torch.Tensor]:
-        index = _index(device)
-        fast = getattr(getattr(torch._C, "_dynamo", None), "guards", None)
-        fast = getattr(fast, "_empty_strided_cuda", None)  # Inductor's: on the current GPU
+        index, fast = _index(device), _empty_strided
 
         def empty(shape: tuple, strides: tuple, dtype: torch.dtype) -> torch.Tensor:
             if fast is not None and _current_device() == index:
@@ -433,7 +434,7 @@ class _Launcher:
         self.flat = self.entries == ["scalar32", "vector32"]
         self.checked = "tf_checked_" in source
         self.enqueue, self.config_of = core.launch, core.LaunchConfig
-        self.native, self.cu_launch = launcher.get(), _cu_launch_kernel()
+        self.native, self.cu_launch = launcher.get(), _driver("cuLaunchKernel")
         self.kernels: dict[str, tuple[object, int | None]] = {}  # entry -> (kernel, handle)
         self.codes: list[object] = []  # keeps every loaded module alive
         self.lock = threading.Lock()
@@ -541,6 +542,29 @@ class _Launcher:
             return LAUNCH_FAILED
         return int(flag.item()) if flag is not None else 0  # item() waits for the kernel
 
+    def prepare(self, numel: int, sizes: list[int], strides: list[int], outs: tuple,
+                n_operands: int):
+        """The kernel bound to one plan (devices/launch.c's Call): ``call(*operands)`` allocates
+        the outputs (``outs``: their shapes, strides and dtypes) and launches the quick path's
+        entry on torch's current stream, from a thread where this GPU's context is current.
+        None where the plan takes the general path, or while the vector entry is being built
+        (a call prepared now would never use it)."""
+        if not (self.quick and _quick) or numel >= INDEX_LIMIT or _empty_strided is None:
+            return None
+        if self.background is not None and self.background.is_alive():
+            return None
+        entry, magic = ("vector32", ()) if self.flat else self._layout(numel, sizes, strides)
+        current = _driver("cuCtxGetCurrent")
+        if entry == "scalar64" or current is None:
+            return None
+        vector = self.vector if entry == "vector32" else 0
+        with torch.cuda.device(self.index):
+            _enter(self.index)
+            return self.native.prepare_cuda(
+                self.cu_launch, current, self.scalar, vector, self.width, BLOCK, _raw_stream,
+                self.index, [numel, *sizes, *magic, *strides], n_operands, _empty_strided, outs,
+                self)
+
     def _layout(self, numel: int, sizes: list[int], strides: list[int]) -> tuple[str, list]:
         """A strided kernel's entry point for this layout and its dividers (memoised per layout:
         the executor's plans repeat)."""
@@ -608,11 +632,12 @@ class _Launcher:
             warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
-@functools.lru_cache(maxsize=1)
-def _cu_launch_kernel() -> int | None:
-    """The address of the driver's cuLaunchKernel, for the native launcher; None if not found."""
+@functools.cache
+def _driver(name: str) -> int | None:
+    """The address of a driver function (cuLaunchKernel, cuCtxGetCurrent), for the native
+    launcher; None if not found."""
     try:
-        return ctypes.cast(ctypes.CDLL("libcuda.so.1").cuLaunchKernel, ctypes.c_void_p).value
+        return ctypes.cast(getattr(ctypes.CDLL("libcuda.so.1"), name), ctypes.c_void_p).value
     except (OSError, AttributeError):
         return None
 
