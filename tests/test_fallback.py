@@ -12,7 +12,7 @@ import torch
 
 import torchfuse
 from conftest import assert_same, make_input, trace
-from torchfuse import cache, config
+from torchfuse import cache, config, executor
 
 
 def _fresh_key(fn, *inputs):
@@ -64,6 +64,30 @@ def test_device_disabled():
     finally:
         torchfuse.set_fusion_enabled("cpu", True)
     assert torchfuse.can_fuse("cpu")
+
+
+def test_disabling_a_device_stops_its_recent_plans_and_bound_runners(device):
+    """Calls that a recent plan or a bound runner would launch directly run through the
+    fallback while their device's fusion is off, and launch again once it is back on."""
+    fn = lambda x: torch.exp(x) - 1  # noqa: E731
+    x = make_input((64,), torch.float32, device)
+    key = _fresh_key(fn, x)
+    runner = executor.bind(cache.SPECS[key], [x])
+    for _ in range(2):  # the kernel built, the plan recalled, the launch prepared
+        assert_same(torchfuse.run_fusion(key, x), fn(x))
+        assert_same(runner(x), fn(x))
+    torchfuse.set_fusion_enabled(device, False)
+    try:
+        before = cache.STATS.fallbacks
+        assert_same(torchfuse.run_fusion(key, x), fn(x))
+        assert_same(runner(x), fn(x))
+        assert cache.STATS.fallbacks == before + 2
+    finally:
+        torchfuse.set_fusion_enabled(device, True)
+    before = cache.STATS.fallbacks
+    assert_same(torchfuse.run_fusion(key, x), fn(x))
+    assert_same(runner(x), fn(x))
+    assert cache.STATS.fallbacks == before
 
 
 def test_disable_setting():

@@ -120,7 +120,7 @@ def bind(spec: KernelSpec, examples: Sequence, views: Sequence | None = None,
     key, device, numel, sizes, strides, outs = planned
     shapes = [tuple(t.shape) for t in arguments]
     layouts = [t.stride() for t in arguments]
-    empty = devices.allocator(device)
+    empty, device_type = devices.allocator(device), device.type
     table = None if views is None else [
         (i, None if offset is None else offset * t.element_size(), t.shape, t.stride(), offset)
         for (i, offset), t in zip(views, examples, strict=True)]
@@ -139,7 +139,8 @@ def bind(spec: KernelSpec, examples: Sequence, views: Sequence | None = None,
     def fusion(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         nonlocal guard, prepared
         kernel = spec.kernels.get(key)
-        if kernel is None or kernel.launch is None or config.disable or config.check:
+        if (kernel is None or kernel.launch is None or config.disable or config.check
+                or not devices.enabled(device_type)):
             return run(spec, inputs_of(args))
         if guard is None or not guard.check(*args):  # in C++: 0.3 µs where this takes 1
             if [t.stride() for t in args] != layouts or [t.shape for t in args] != shapes:

@@ -50,6 +50,8 @@ def can_fuse(device: str | torch.device) -> bool:
 def set_fusion_enabled(device: str | torch.device, enabled: bool) -> None:
     """Turn fusion on or off for a device type; while off, fusions run through the fallback."""
     devices.set_enabled(torch.device(device).type, enabled)
+    for spec in SPECS.specs():
+        spec.plans = ()  # a recent plan would launch its kernel without asking
 
 
 def argspec_of(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[ArgSpec, torch.device]:

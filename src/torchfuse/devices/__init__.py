@@ -63,7 +63,7 @@ def register(device_type: str, module: str) -> None:
 
 def get(device_type: str) -> Backend | None:
     """The backend of a device type, or None when there is none or it is disabled."""
-    if not _enabled.get(device_type, True):
+    if not enabled(device_type):
         return None
     if device_type not in _backends:
         module = _MODULES.get(device_type)
@@ -92,7 +92,7 @@ def allocator(device: torch.device) -> Callable[..., torch.Tensor]:
 
 def why_not(device_type: str) -> str | None:
     """Why kernels cannot be fused for this device type, or None if they can."""
-    if not _enabled.get(device_type, True):
+    if not enabled(device_type):
         return f"fusion is disabled for {device_type}"
     if device_type not in _MODULES:
         return f"torchfuse has no backend for {device_type}"
@@ -106,3 +106,8 @@ def why_not(device_type: str) -> str | None:
 def set_enabled(device_type: str, enabled: bool) -> None:
     _enabled[device_type] = bool(enabled)
     _keys.clear()
+
+
+def enabled(device_type: str) -> bool:
+    """Whether fusion is on for a device type (``set_enabled``)."""
+    return _enabled.get(device_type, True)
