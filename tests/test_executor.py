@@ -326,3 +326,24 @@ def test_a_prepared_kernels_error_gives_eagers_error():
         torchfuse.run_fusion(key, a, torch.zeros_like(b))
     assert counted.calls == 1
     assert_same(torchfuse.run_fusion(key, a, b), fn(a, b))
+
+
+def test_run_fusion_under_autocast_gives_eagers_results(device):
+    """Autocast casts the operands of some ops (on CUDA exp, log, pow... compute in float32):
+    a fusion with one runs through the fallback there, for eager's dtypes and values; the
+    others (and every fusion on the CPU, whose autocast casts none of these ops) run kernels."""
+    x = make_input((64,), torch.bfloat16, device)
+    cast = lambda a: torch.exp(a) * 2 + a  # noqa: E731
+    kept = lambda a: torch.sigmoid(a) * a  # noqa: E731
+    for fn in (cast, kept):
+        key = torchfuse.register_fusion(trace(fn, x))
+        torchfuse.run_fusion(key, x)  # built outside autocast
+        with torch.autocast(device, dtype=torch.bfloat16):
+            want = fn(x)
+            before = torchfuse.cache_info()["fallbacks"]
+            for _ in range(2):
+                assert_same(torchfuse.run_fusion(key, x), want)
+            fallbacks = torchfuse.cache_info()["fallbacks"] - before
+        eagers_casts = fn is cast and device == "cuda"
+        assert fallbacks == (2 if eagers_casts else 0)
+        assert want.dtype == (torch.float32 if eagers_casts else torch.bfloat16)

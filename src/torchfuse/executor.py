@@ -32,6 +32,8 @@ class NoKernel(Exception):
 
 def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Run one fusion: a fused kernel where possible, else the fallback."""
+    if _autocast_on() and _autocast_casts(spec, inputs):
+        return _fallback(spec, inputs, "autocast casts the operands of one of its ops")
     recent = _recall(spec, inputs)
     if recent is not None:
         planned = recent.plan
@@ -69,6 +71,34 @@ def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
     elif recent is not None and (recent.prepared is None or recent.prepared[0] is not kernel):
         recent.prepared = _prepare(kernel, planned, len(inputs))
     return tuple(outputs)
+
+
+_autocast_on = getattr(torch._C, "_is_any_autocast_enabled", lambda: False)
+
+
+def _autocast_casts(spec: KernelSpec, inputs: Sequence) -> bool:
+    """Whether autocast, on for the inputs' device, casts the operands of one of the graph's ops
+    (on CUDA exp, log, pow... compute in float32): eager's casts then decide the results, which a
+    kernel typed without autocast would not give. A compiled graph has its casts in the graph."""
+    first = inputs[0] if len(inputs) else None
+    if not isinstance(first, _Tensor):
+        return False
+    kind = first.device.type
+    if not torch.is_autocast_enabled(kind):
+        return False
+    casts = spec.autocast.get(kind)
+    if casts is None:
+        key = getattr(torch._C.DispatchKey, "Autocast" + kind.upper(), None)
+        casts = spec.autocast[kind] = key is None or any(
+            _has_kernel(op.target, key) for op in spec.graph.ops)
+    return casts
+
+
+def _has_kernel(op, key) -> bool:
+    try:
+        return op.has_kernel_for_dispatch_key(key)
+    except Exception:  # not an operator the dispatcher knows: assume the worst
+        return True
 
 
 def _quick(kernel, prepared: tuple | None, operands: Sequence) -> tuple[torch.Tensor, ...] | None:

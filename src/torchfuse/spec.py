@@ -92,6 +92,7 @@ class KernelSpec:
     warned: set = dataclasses.field(default_factory=set)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     plans: tuple = ()  # the executor's recent plans (executor.Recent), most recent first
+    autocast: dict = dataclasses.field(default_factory=dict)  # device type -> autocast casts?
 
     @functools.cached_property  # asked on every call: the executor's fast path
     def full_outputs(self) -> bool:
