@@ -347,3 +347,24 @@ def test_run_fusion_under_autocast_gives_eagers_results(device):
         eagers_casts = fn is cast and device == "cuda"
         assert fallbacks == (2 if eagers_casts else 0)
         assert want.dtype == (torch.float32 if eagers_casts else torch.bfloat16)
+
+
+def test_a_new_default_dtype_types_a_new_kernel(device):
+    """Ops that make floats of integers (true division) give torch's default dtype, which the
+    tensors' guards do not see: after torch.set_default_dtype, recent plans and bound runners
+    alike give eager's dtype, and the old one again once it is back."""
+    fn = lambda a, b: torch.div(a, b) + 1  # noqa: E731
+    a, b = (make_input((64,), torch.int32, device, low=1) for _ in range(2))
+    key = torchfuse.register_fusion(trace(fn, a, b))
+    runner = executor.bind(SPECS[key], [a, b])
+    old = torch.get_default_dtype()
+    try:
+        for default in (old, torch.float64, old):
+            torch.set_default_dtype(default)
+            want = fn(a, b)
+            assert want.dtype == default
+            for _ in range(2):
+                assert_same(torchfuse.run_fusion(key, a, b), want)
+                assert_same(runner(a, b), want)
+    finally:
+        torch.set_default_dtype(old)

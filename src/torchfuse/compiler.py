@@ -42,6 +42,9 @@ def infer_types(graph: FusionGraph, argspec: ArgSpec, cuda: bool = False) -> Typ
         for d in argspec.inputs
     ]
     values = fallback.evaluate(graph, metas)
+    if torch.get_default_dtype() != argspec.default_dtype:  # set on another thread meanwhile
+        raise ops.Unsupported(f"typed under default dtype {torch.get_default_dtype()}, "
+                              f"not {argspec.default_dtype}")
     selected = []
     for k, op in enumerate(graph.ops):
         operands = [fallback.operand_value(o, values) for o in op.operands]

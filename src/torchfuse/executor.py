@@ -74,6 +74,7 @@ def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
 
 
 _autocast_on = getattr(torch._C, "_is_any_autocast_enabled", lambda: False)
+_default_dtype = torch.get_default_dtype
 
 
 def _autocast_casts(spec: KernelSpec, inputs: Sequence) -> bool:
@@ -170,7 +171,7 @@ def bind(spec: KernelSpec, examples: Sequence, views: Sequence | None = None,
         nonlocal guard, prepared
         kernel = spec.kernels.get(key)
         if (kernel is None or kernel.launch is None or config.disable or config.check
-                or not devices.enabled(device_type)):
+                or not devices.enabled(device_type) or _default_dtype() is not key[3]):
             return run(spec, inputs_of(args))
         if guard is None or not guard.check(*args):  # in C++: 0.3 µs where this takes 1
             if [t.stride() for t in args] != layouts or [t.shape for t in args] != shapes:
@@ -238,8 +239,9 @@ def _recall(spec: KernelSpec, inputs: Sequence) -> Recent | None:
     """The recent plan whose inputs these match in everything a plan reads (one guard check in
     C++, ~0.1 µs a tensor, where planning in Python takes 1.5-5 µs); else None."""
     if len(inputs) == spec.graph.n_inputs and not config.disable:
+        default = _default_dtype()  # which the guard does not see
         for recent in spec.plans:
-            if recent.guard.check(*inputs):
+            if recent.guard.check(*inputs) and recent.plan[0][3] is default:
                 return recent
     return None
 
@@ -286,6 +288,9 @@ def _static(t: torch.Tensor) -> bool:
 def plan(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple:
     """(argspec key, device, numel, sizes, strides, outputs' (shape, strides) as tuples).
 
+    The key, what the kernel is specialised on: (device key, input dtypes, layout or None where
+    every operand is contiguous and of one shape, torch's default dtype); ``ArgSpec.from_key``.
+
     Raises:
         NoKernel: the call must run through the fallback.
     """
@@ -313,6 +318,7 @@ def plan(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple:
     if device_key is None:
         raise NoKernel(devices.why_not(device.type) or f"no backend for {device.type}")
     dtypes = tuple([t.dtype for t in inputs])
+    default = torch.get_default_dtype()
     if flat:  # one flat loop over contiguous operands of one shape
         numel = first.numel()
         n_out = len(spec.output_deps)
@@ -325,8 +331,8 @@ def plan(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple:
                 _CONTIGUOUS.clear()
             layout = _CONTIGUOUS[shape] = (tuple(shape), tuple(_contiguous_strides(shape)))
         outs = [layout] * n_out  # contiguous, like the inputs
-        return (device_key, dtypes, None), device, numel, [numel], strides, outs
-    return _general_plan(spec, inputs, device, device_key, dtypes)
+        return (device_key, dtypes, None, default), device, numel, [numel], strides, outs
+    return _general_plan(spec, inputs, device, device_key, dtypes, default)
 
 
 _UNIT_STRIDES: dict[tuple[int, int], list[int]] = {}  # (inputs, outputs) -> flat strides: read-only
@@ -368,13 +374,13 @@ _PLANS: dict[tuple, tuple] = {}
 _PLANS_MAX = 4096
 
 
-def _general_plan(spec, inputs, device, device_key, dtypes) -> tuple:
+def _general_plan(spec, inputs, device, device_key, dtypes, default) -> tuple:
     shapes = tuple([t.shape for t in inputs])
     strides = tuple([t.stride() for t in inputs])
-    memo = (spec.key, device_key, dtypes, shapes, strides)
+    memo = (spec.key, device_key, dtypes, default, shapes, strides)
     found = _PLANS.get(memo)
     if found is None:
-        found = _layout(spec, shapes, strides, device_key, dtypes)
+        found = _layout(spec, shapes, strides, device_key, dtypes, default)
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
         _PLANS[memo] = found
@@ -382,7 +388,7 @@ def _general_plan(spec, inputs, device, device_key, dtypes) -> tuple:
     return key, device, numel, sizes, flat_strides, outs
 
 
-def _layout(spec, shapes, input_strides, device_key, dtypes) -> tuple:
+def _layout(spec, shapes, input_strides, device_key, dtypes, default) -> tuple:
     """(argspec key, numel, sizes, strides, outputs' (shape, strides)) for these inputs."""
     shape = _broadcast(shapes)
     every = frozenset(range(len(shapes)))
@@ -409,7 +415,7 @@ def _layout(spec, shapes, input_strides, device_key, dtypes) -> tuple:
     reused = tuple(0 in m[:-1] for m in merged[:n_in])
     layout = None if flat else (len(sizes), inner, zero_dim, reused, outputs)
     flat_strides = [s for m in merged for s in m]
-    return (device_key, dtypes, layout), math.prod(shape), sizes, flat_strides, outs
+    return (device_key, dtypes, layout, default), math.prod(shape), sizes, flat_strides, outs
 
 
 def output_strides(shape: Sequence[int], strides: Sequence[Sequence[int]]) -> list[int] | None:

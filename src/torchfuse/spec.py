@@ -47,6 +47,8 @@ class ArgSpec:
     outputs: tuple[tuple[str, bool], ...]
     """Per output: its inner code, and whether it is *partial*: smaller than the iteration space
     (it depends on only some inputs), so each element is written once, not once per repeat."""
+    default_dtype: torch.dtype = torch.float32
+    """torch's default dtype: what ops that make floats of integers (true division) give."""
 
     @property
     def partial_outputs(self) -> tuple[bool, ...]:
@@ -54,14 +56,14 @@ class ArgSpec:
 
     @staticmethod
     def from_key(key: tuple, n_outputs: int) -> ArgSpec:
-        """Decode the executor's hot-path key (see executor.argspec_key)."""
-        device, dtypes, layout = key
+        """Decode the executor's hot-path key (see executor.plan)."""
+        device, dtypes, layout, default = key
         if layout is None:
             descs = tuple(TensorDesc(d) for d in dtypes)
-            return ArgSpec(device, 1, descs, ((CONTIG, False),) * n_outputs)
+            return ArgSpec(device, 1, descs, ((CONTIG, False),) * n_outputs, default)
         rank, inner, zero_dim, reused, outputs = layout
         descs = tuple(TensorDesc(*desc) for desc in zip(dtypes, inner, zero_dim, reused))
-        return ArgSpec(device, rank, descs, outputs)
+        return ArgSpec(device, rank, descs, outputs, default)
 
 
 @dataclasses.dataclass(frozen=True)
