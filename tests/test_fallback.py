@@ -150,3 +150,40 @@ def test_environment_disable_and_cc():
     # Without a compiler the fusion pass leaves every op to eager, so nothing falls back either.
     no_cc = _run(SCRIPT, TORCHFUSE_CC="no-such-compiler", TORCHFUSE_CACHE="0")
     assert no_cc.stdout.split() == ["0", "0"]
+
+
+class _Logged(torch.Tensor):
+    """A subclass whose ops go through its own __torch_function__ (and return its type)."""
+
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_tensor_subclasses_run_their_own_ops(device):
+    """A tensor subclass's ops are its own: a wrapper subclass (no memory of its own: its data
+    pointer is 0, which a kernel would read) and a __torch_function__ subclass get eager's
+    results and types through the fallback, also after plain tensors of the same layout made
+    a recent plan; parameters fuse."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    fn = lambda x: torch.exp(x) * 2  # noqa: E731
+    x, y = (make_input((16,), torch.float32, device) for _ in range(2))
+    key = torchfuse.register_fusion(trace(fn, x))
+    for _ in range(2):
+        assert_same(torchfuse.run_fusion(key, x), fn(x))
+    wrapped = TwoTensor(x, y)
+    got, want = torchfuse.run_fusion(key, wrapped)[0], fn(wrapped)
+    assert type(got) is TwoTensor
+    assert_same((got.a, got.b), (want.a, want.b))
+    logged = x.as_subclass(_Logged)
+    got = torchfuse.run_fusion(key, logged)[0]
+    assert type(got) is _Logged and _Logged.seen
+    assert_same(got.as_subclass(torch.Tensor), fn(x))
+    before = cache.STATS.fallbacks
+    parameter = torch.nn.Parameter(x, requires_grad=False)
+    assert_same(torchfuse.run_fusion(key, parameter), fn(parameter))
+    assert cache.STATS.fallbacks == before

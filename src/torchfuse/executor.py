@@ -45,6 +45,10 @@ def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
         try:
             if config.disable:
                 raise NoKernel("TORCHFUSE_DISABLE is set")
+            if not all(type(t) in _PLAIN for t in inputs):
+                # (the guards of recent plans refuse any other type of tensor)
+                raise NoKernel("a tensor subclass: its ops are its own (__torch_function__, "
+                               "__torch_dispatch__), and a wrapper may hold no memory at all")
             planned = plan(spec, inputs)
         except NoKernel as why:
             return _fallback(spec, inputs, str(why))
@@ -73,6 +77,7 @@ def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
     return tuple(outputs)
 
 
+_PLAIN = {torch.Tensor, torch.nn.Parameter}  # the tensors whose ops are eager's own
 _autocast_on = getattr(torch._C, "_is_any_autocast_enabled", lambda: False)
 _default_dtype = torch.get_default_dtype
 
