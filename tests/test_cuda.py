@@ -164,6 +164,34 @@ def test_a_heavy_flat_body_moves_16_bytes_a_thread():
     assert "// vector elements: 8" in lstm  # strided halves: 16 bytes either way
 
 
+def test_gpus_with_faster_memory_per_multiprocessor_move_twice_the_bytes_a_thread():
+    """An H200's memory feeds each multiprocessor 1.5x an H100's: its threads keep more bytes
+    in flight (strided 16-bit rows keep the doubling they have anyway)."""
+    f32, f16 = torch.float32, torch.float16
+    assert vector_width([f32, f32, f32], 8) == 2 and vector_width([f32] * 3, 8, scale=2) == 4
+    assert vector_width([f32] * 7, 16, scale=2) == 2  # a thread loads 32 bytes at 2 already
+    assert vector_width([f32] * 2, 4, heavy=True, scale=2) == 4  # heavy float32: 16 bytes
+    assert vector_width([f16] * 3, 4, heavy=True, scale=2) == 16
+    assert vector_width([f32] * 7, 20, flat=False, scale=2) == 4  # rows (an LSTM): doubled
+    assert vector_width([f16] * 7, 10, flat=False) == vector_width([f16] * 7, 10, flat=False,
+                                                                     scale=2) == 8  # an LSTM
+    x, y = (torch.randn(4096) for _ in range(2))
+    spec = compiler.register(trace(lambda a, b: a * torch.sigmoid(a) * b, x, y))
+    argspec, _ = interface.argspec_of(spec, [x, y])
+    typed = compiler.infer_types(spec.graph, argspec, cuda=True)
+    assert "// vector elements: 2" in CUDARenderer().render(typed, argspec)
+    assert "// vector elements: 4" in CUDARenderer(lambda device: 2).render(typed, argspec)
+
+
+@gpu
+def test_the_memory_scale_of_this_gpu(cuda_fusion):
+    """1 on an H100 (25 GB/s of memory per multiprocessor), 2 on an H200 (37)."""
+    name = torch.cuda.get_device_name()
+    scale = backend._memory_scale(backend.BACKEND.device_key(torch.device("cuda", 0)))
+    assert scale == {"H100": 1, "H200": 2}.get(next((k for k in ("H100", "H200") if k in name),
+                                                    None), scale)
+
+
 def test_inputs_reused_by_every_row_do_not_count_as_streamed():
     x = torch.randn(16, 64)
     bias = _source(lambda a, b: a + b, x, x[0])  # the row is read again by every row

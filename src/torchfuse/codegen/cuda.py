@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -209,7 +210,8 @@ def instructions(body: list[str]) -> int:
     return total
 
 
-def vector_width(dtypes, streamed: int, flat: bool = True, heavy: bool = False) -> int:
+def vector_width(dtypes, streamed: int, flat: bool = True, heavy: bool = False,
+                 scale: int = 1) -> int:
     """Elements per thread in a vector kernel (``dtypes``: its operands; ``streamed``: the bytes
     per element of the inputs it streams from memory, which are neither broadcast nor reused by
     every row; ``heavy``: its body takes HEAVY instructions or more per byte an element moves):
@@ -231,12 +233,21 @@ def vector_width(dtypes, streamed: int, flat: bool = True, heavy: bool = False) 
     - Strided float16/bfloat16 kernels compute in float, twice the work per byte of float32's,
       and unravel an index per thread: 16 elements pay for it where 8 left a GELU over
       bias-added rows at 1.10 (-> 1.04). Not in flat kernels (gelu_tanh float16 1.033 -> 1.042).
+    - ``scale`` 2, a GPU whose memory feeds each multiprocessor faster (an H200: 37 GB/s
+      against an H100's 25), wants more bytes in flight: a light thread must load 32 bytes to
+      stay at 8 bytes an operand, every strided kernel doubles, and so do heavy 16-bit flat
+      ones. On an H200, x Inductor's kernel (or tf/ind in the bench): gated float32 1.032 ->
+      0.996, where_mix float32 1.090 -> 0.993, gated float16 1.121 -> 0.997, the LSTM cell
+      float32 1.082 -> 1.007, bias_act_scale float32 (1.004 -> 0.992), gelu_tanh bfloat16
+      0.979 -> 0.868; not gelu_tanh float32 at 32 bytes (0.966 -> 0.991), nor the LSTM cell
+      float16 at 32 (1.124 -> 1.131), nor adam_step float32 at 16 (0.998 -> 1.004).
     """
     widest = max(d.itemsize for d in dtypes)
     narrow = max(1, VECTOR_BYTES // 2 // widest)
-    light = not (heavy and flat) and narrow * streamed >= VECTOR_BYTES
+    light = not (heavy and flat) and narrow * streamed >= VECTOR_BYTES * scale
     width = narrow if light else VECTOR_BYTES // widest
-    return width * 2 if widest == 2 and not flat else width
+    doubled = (widest == 2 or scale > 1) if not flat else (widest == 2 and heavy and scale > 1)
+    return width * 2 if doubled else width
 
 
 def entry_points(argspec: ArgSpec) -> list[str]:
@@ -275,8 +286,14 @@ def _nth(expr: str, j: int) -> str:
 
 
 class CUDARenderer(CStyleRenderer):
+    """``scale(device key) -> int``: the vector width's scale for that GPU (``vector_width``);
+    the backend knows its GPUs, the renderer only their scale."""
+
     cuda = True
     preamble = PREAMBLE
+
+    def __init__(self, scale: Callable[[str], int] = lambda device: 1) -> None:
+        self.scale = scale
 
     def convert(self, expr: str, src: torch.dtype, dst: torch.dtype) -> str:
         if src.is_floating_point and dst in _FLOAT_TO_INT:
@@ -310,7 +327,8 @@ class _Kernel:
                        if d.inner == CONTIG and not d.reused)
         moved = streamed + sum(d.itemsize for d in self.dtypes[self.n_in:])
         heavy = instructions(self.body) >= HEAVY * moved
-        self.width = vector_width(self.dtypes, streamed, self.flat, heavy)  # vector elements
+        self.width = vector_width(self.dtypes, streamed, self.flat, heavy,  # vector elements
+                                  renderer.scale(argspec.device))
 
     # ---- parameters --------------------------------------------------------------------------
 

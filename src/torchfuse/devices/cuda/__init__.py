@@ -208,8 +208,27 @@ def aligned(pointers: Sequence[int]) -> bool:
 # ---- the backend -------------------------------------------------------------------------------
 
 
+FAST_MEMORY = 30e9  # peak memory bytes a second per multiprocessor (H100 SXM 25e9, H200 37e9)
+
+
+@functools.cache
+def _memory_scale(device_key: str) -> int:
+    """The vector width's scale for a GPU (codegen/cuda.vector_width): 2 where its memory feeds
+    each multiprocessor more than FAST_MEMORY bytes a second (an H200), whose threads then need
+    twice the bytes in flight to keep it busy; else 1."""
+    try:
+        properties = _core().Device(int(device_key.rpartition(":")[2])).properties
+        bandwidth = properties.memory_clock_rate * 1e3 * 2 * properties.global_memory_bus_width / 8
+        per_multiprocessor = bandwidth / properties.multiprocessor_count
+    except Exception as error:  # a driver or cuda.core that does not tell: the H100's widths
+        log(2, f"no peak memory bandwidth for {device_key}: {error}")
+        return 1
+    log(2, f"{device_key}: {per_multiprocessor / 1e9:.1f} GB/s of memory per multiprocessor")
+    return 2 if per_multiprocessor > FAST_MEMORY else 1
+
+
 class CUDABackend:
-    renderer = CUDARenderer()
+    renderer = CUDARenderer(_memory_scale)
 
     def __init__(self) -> None:
         self._keys: dict[int, str] = {}
