@@ -347,6 +347,10 @@ def test_run_fusion_under_autocast_gives_eagers_results(device):
         eagers_casts = fn is cast and device == "cuda"
         assert fallbacks == (2 if eagers_casts else 0)
         assert want.dtype == (torch.float32 if eagers_casts else torch.bfloat16)
+        meta = torch.empty(64, dtype=torch.bfloat16, device="meta")  # autocast knows no meta
+        with torch.autocast(device, dtype=torch.bfloat16):
+            got = torchfuse.run_fusion(key, meta)[0]
+        assert got.device.type == "meta" and got.shape == meta.shape
 
 
 def test_a_new_default_dtype_types_a_new_kernel(device):

@@ -45,7 +45,7 @@ def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
         try:
             if config.disable:
                 raise NoKernel("TORCHFUSE_DISABLE is set")
-            if not all(type(t) in _PLAIN for t in inputs):
+            if any(type(t) not in _PLAIN and isinstance(t, _Tensor) for t in inputs):
                 # (the guards of recent plans refuse any other type of tensor)
                 raise NoKernel("a tensor subclass: its ops are its own (__torch_function__, "
                                "__torch_dispatch__), and a wrapper may hold no memory at all")
@@ -90,7 +90,10 @@ def _autocast_casts(spec: KernelSpec, inputs: Sequence) -> bool:
     if not isinstance(first, _Tensor):
         return False
     kind = first.device.type
-    if not torch.is_autocast_enabled(kind):
+    try:
+        if not torch.is_autocast_enabled(kind):
+            return False
+    except RuntimeError:  # a device type autocast does not know (meta): it casts nothing there
         return False
     casts = spec.autocast.get(kind)
     if casts is None:
