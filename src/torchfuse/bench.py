@@ -163,15 +163,19 @@ class Plan:
     max_reps: int = 25
     large_block: int = 1  # calls per timed block at the large size
     small_block: int = 50  # calls per timed block at the small size
-    small_blocks: int = 21
+    small_blocks: int = 21  # rounds at the small size, at least
+    small_budget_s: float = 1.5  # and at least this long: past a slow phase of the host
+    small_max_blocks: int = 400
 
 
 def plan_for(device: torch.device, quick: bool) -> Plan:
     if device.type == "cpu":
-        return Plan(1 << 20, budget_s=0.2, max_reps=5) if quick else Plan(1 << 24)
+        return (Plan(1 << 20, budget_s=0.2, max_reps=5, small_budget_s=0.2) if quick
+                else Plan(1 << 24))
     # A GPU queues calls: a block of them times the device (the host's work on the next call
     # overlaps the kernel of this one, as in any program that queues more than one).
-    gpu = Plan(1 << 22, budget_s=0.2, max_reps=10) if quick else Plan(1 << 26)
+    gpu = (Plan(1 << 22, budget_s=0.2, max_reps=10, small_budget_s=0.2) if quick
+           else Plan(1 << 26))
     return dataclasses.replace(gpu, large_block=10)
 
 
@@ -205,15 +209,18 @@ def time_columns(
     """Seconds per call of each column: the best of several rounds, each round running every
     column in turn (a block of back-to-back calls; one call at the large size on a CPU), so that a
     burst of load from elsewhere hits all columns alike. The best, not the median: on a shared
-    machine other processes only ever add time."""
+    machine other processes only ever add time. Small rows take rounds for small_budget_s at
+    least: one took all its 21 rounds (0.3 s) in a slow phase of an H100 host, every column
+    1.6-1.9x its time in other runs."""
     block = plan.large_block if large else plan.small_block
     for call in calls.values():
         for _ in range(block):
             call()
     _sync(device)
     best = dict.fromkeys(calls, math.inf)
-    most, least = (plan.max_reps, plan.min_reps) if large else (plan.small_blocks,) * 2
-    budget = plan.budget_s * len(calls) if large else 0.0
+    most, least = ((plan.max_reps, plan.min_reps) if large
+                   else (plan.small_max_blocks, plan.small_blocks))
+    budget = plan.budget_s * len(calls) if large else plan.small_budget_s
     rounds, start = 0, time.perf_counter()
     while rounds < most and (rounds < least or time.perf_counter() - start < budget):
         for name, call in calls.items():
