@@ -301,7 +301,8 @@ def test_a_plans_later_calls_run_its_prepared_call(device):
 
 
 def test_prepared_calls_step_aside(device):
-    """A prepared call serves only its own kernel: after clear_cache the kernel is rebuilt; with
+    """A prepared call serves only its own kernel: with the spec's kernels gone (its plan kept)
+    or after clear_cache (plans gone too) the kernel is rebuilt and a new call prepared; with
     TORCHFUSE_CHECK every call is checked on the general path."""
     x, y = (make_input((64,), torch.float32, device) for _ in range(2))
     key = torchfuse.register_fusion(trace(gated, x, y))
@@ -310,6 +311,13 @@ def test_prepared_calls_step_aside(device):
     with torchfuse.config.override(check=True):
         assert_same(torchfuse.run_fusion(key, x, y), gated(x, y))
     assert counted.calls == 0
+    recent = spec.plans[0]
+    spec.kernels.clear()
+    for _ in range(2):
+        assert_same(torchfuse.run_fusion(key, x, y), gated(x, y))
+        spec.kernels.settle()
+    assert counted.calls == 0 and spec.plans[0] is recent
+    assert recent.prepared is None or recent.prepared[0] is spec.kernels.values()[0]
     torchfuse.clear_cache()
     assert_same(torchfuse.run_fusion(key, x, y), gated(x, y))
     assert torchfuse.cache_info()["misses"] == 1 and counted.calls == 0
