@@ -37,10 +37,6 @@ def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
     recent = _recall(spec, inputs)
     if recent is not None:
         planned = recent.plan
-        if not config.check:
-            outputs = _quick(spec.kernels.get(planned[0]), recent.prepared, inputs)
-            if outputs is not None:
-                return outputs
     else:
         try:
             if config.disable:
@@ -55,6 +51,10 @@ def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
         recent = _remember(spec, inputs, planned)
     key, device, numel, sizes, strides, outs = planned
     kernel = spec.kernels.get(key)
+    if recent is not None and not config.check:
+        outputs = _quick(kernel, recent.prepared, inputs)
+        if outputs is not None:
+            return outputs
     if kernel is None:
         count(misses=1)
         argspec = ArgSpec.from_key(key, len(outs))
@@ -72,8 +72,8 @@ def run(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
             return _fallback(spec, inputs, ERRORS.get(error, f"kernel error {error}"))
     if config.check:
         _check(spec, inputs, outputs)
-    elif recent is not None and (recent.prepared is None or recent.prepared[0] is not kernel):
-        recent.prepared = _prepare(kernel, planned, len(inputs))
+    elif recent is not None:
+        recent.prepared = _prepare(recent.prepared, kernel, planned, len(inputs))
     return tuple(outputs)
 
 
@@ -122,9 +122,12 @@ def _quick(kernel, prepared: tuple | None, operands: Sequence) -> tuple[torch.Te
     return outputs
 
 
-def _prepare(kernel, planned: tuple, n_operands: int) -> tuple | None:
-    """(kernel, its launch prepared for this plan: devices/launch.c's Call, which allocates the
-    outputs and launches in one call from Python), or None where the launch offers none yet."""
+def _prepare(prepared: tuple | None, kernel, planned: tuple, n_operands: int) -> tuple | None:
+    """``prepared`` where it is this kernel's; else (kernel, its launch prepared for this plan:
+    devices/launch.c's Call, which allocates the outputs and launches in one call from Python),
+    or None where the launch offers none yet."""
+    if prepared is not None and prepared[0] is kernel:
+        return prepared
     prepare = getattr(kernel.launch, "prepare", None)
     if prepare is None:
         return None
@@ -197,8 +200,7 @@ def bind(spec: KernelSpec, examples: Sequence, views: Sequence | None = None,
         if numel and kernel.launch(numel, sizes, strides, [*operands, *outputs]):
             # the kernel refused (division by zero): eager's error
             return run(spec, inputs_of(args))
-        if prepared is None or prepared[0] is not kernel:
-            prepared = _prepare(kernel, planned, len(operands))
+        prepared = _prepare(prepared, kernel, planned, len(operands))
         return tuple(outputs)
 
     fusion.__name__ = f"fusion_{spec.key}"  # how the compiled graph's code names it
