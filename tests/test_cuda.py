@@ -122,6 +122,13 @@ def test_half_vector_kernels_compute_on_pairs():
     assert "= tf_hmul2(" not in mixed and "tf_hunpack2(h0, v0_0, v0_1)" in mixed
 
 
+def test_sigmoid_of_halves_skips_divisions_slow_path():
+    x = torch.randn(4096)
+    assert "tf_sigmoid_f16(v0)" in _source(torch.sigmoid, x.half())
+    assert "tf_sigmoid_bf16(v0)" in _source(torch.sigmoid, x.bfloat16())
+    assert "1 / (1 + expf(-v0))" in _source(torch.sigmoid, x)  # float32: IEEE division
+
+
 def test_integer_division_source_reports_errors():
     x = torch.randint(1, 5, (100,))
     source = _source(lambda a, b: a // b, x, x)
@@ -686,6 +693,24 @@ def test_half_pairs_are_eagers_bit_for_bit(device, dtype, launches):
             _assert_bits(got, want)
     if device.startswith("cuda"):
         assert launches.count("vector32") == len(cases)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sigmoid_of_halves_is_eagers_bit_for_bit(device, dtype, launches):
+    """A 16-bit sigmoid takes its reciprocal without division's slow path (tf_sigmoid_f16):
+    every 16-bit input, flat and in strided rows, through the first entry point (assembled from
+    PTX) and the vector one, as eager gives it."""
+    if device.startswith("cuda"):
+        backend._library(torch.device(device).index or 0, wait=True)
+    x = _every_half(dtype, device)
+    rows = torch.empty(256, 512, dtype=dtype, device=device)[:, :256]
+    rows.copy_(x.view(256, 256))
+    for a in (x, rows):
+        fused = _fused(torch.sigmoid, a)
+        for _ in range(2):  # the first entry, then the vector one
+            _assert_bits(fused(a)[0], torch.sigmoid(a))
+    if device.startswith("cuda"):
+        assert launches == ["scalar32", "vector32"] * 2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -278,6 +278,16 @@ def _cmp(name: str, op: str) -> OpDef:
                  b=f"{{a}} {op} {{b}}", compute="common", boolean=True)
 
 
+_SIGMOID = "1 / (1 + exp{f}(-{a}))"
+_SIGMOID_16 = {torch.float16: "tf_sigmoid_f16({a})", torch.bfloat16: "tf_sigmoid_bf16({a})"}
+
+
+def _sigmoid_cuda(ctx: Ctx, a: Operand) -> str:
+    """A CUDA result rounded to 16 bits: the same values without division's slow-path branch
+    (codegen/cuda.py, tf_sigmoid_f16)."""
+    return ctx.fmt(_SIGMOID_16.get(ctx.out, _SIGMOID), (a,))
+
+
 _IDENTITY = "{a}"
 _WRAP_MUL = "({T})(({U}){a} * ({U}){b})"
 
@@ -288,7 +298,7 @@ OPS: tuple[OpDef, ...] = (
                        "sinh", "sqrt", "tan", "tanh", "exp2")),
     _fn("rsqrt", "1 / sqrt{f}({a})"),
     _fn("reciprocal", "1 / {a}"),
-    _fn("sigmoid", "1 / (1 + exp{f}(-{a}))"),
+    _fn("sigmoid", _SIGMOID, cuda={"f": _sigmoid_cuda}),
     _fn("frac", "{a} - trunc{f}({a})"),
     _fn("silu", "{a} / (1 + exp{f}(-{a}))"),
     _fn("mish", "{a} * tanh{f}(log1p{f}(exp{f}({a})))"),

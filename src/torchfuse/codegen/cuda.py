@@ -119,6 +119,33 @@ TF_FN float tf_round_bf16_native(float f) {
 }
 #define TF_ROUND_BF16_NATIVE tf_round_bf16_native
 #endif
+/* sigmoid(x) = 1 / (1 + expf(-x)) as eager computes it, for a result rounded to float16
+   (tf_sigmoid_f16) or bfloat16 (tf_sigmoid_bf16), without division's per-element test and
+   branch to its out-of-line slow path (a fifth of the float16 LSTM cell's instructions).
+   tf_rcp_main is that division's main path: rcp.approx and one Newton step give the correctly
+   rounded 1 / d for d in [2**-126, 2**126), as div.rn does. Here d = 1 + expf(-x) >= 1; past
+   2**126, where 1 / d is below 2**-126: float16 rounds any such result to 0, so d stops at
+   2**100 (an infinite d would make the Newton step NaN); bfloat16 keeps float's exponent, so d
+   is scaled by 2**-64 into the main path's range and the result back, exactly where it is
+   normal; the subnormal results of the three bfloat16 inputs that have them (-87.5, -88,
+   -88.5) round as eager's (tests: every float16 and bfloat16 input, bit for bit). min.NaN
+   keeps a NaN, and needs sm_80; older GPUs divide. */
+#if __CUDA_ARCH__ >= 800
+TF_FN float tf_rcp_main(float d) {
+  float r; asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
+  return fmaf(r, fmaf(-d, r, 1.0f), r);
+}
+TF_FN float tf_min_nan(float a, float b) {
+  float m; asm("min.NaN.f32 %0, %1, %2;" : "=f"(m) : "f"(a), "f"(b)); return m;
+}
+TF_FN float tf_sigmoid_f16(float x) { return tf_rcp_main(tf_min_nan(1.0f + expf(-x), 0x1p100f)); }
+TF_FN float tf_sigmoid_bf16(float x) {
+  return tf_rcp_main(tf_min_nan((1.0f + expf(-x)) * 0x1p-64f, 0x1p100f)) * 0x1p-64f;
+}
+#else
+TF_FN float tf_sigmoid_f16(float x) { return 1 / (1 + expf(-x)); }
+TF_FN float tf_sigmoid_bf16(float x) { return 1 / (1 + expf(-x)); }
+#endif
 """
 
 # Pairs of float16 or bfloat16 in one 32-bit word (vector kernels; element k in the low half,
@@ -193,7 +220,8 @@ LOAD_TYPES = {32: "tf_uint4x2", 16: "uint4", 8: "uint2", 4: "uint32_t", 2: "uint
 MATH_COST = {"exp": 10, "exp2": 4, "expm1": 24, "log": 28, "log1p": 33, "log2": 30, "log10": 29,
              "sin": 30, "cos": 30, "tan": 40, "tanh": 17, "sinh": 25, "cosh": 16, "asin": 25,
              "acos": 26, "atan": 19, "asinh": 46, "acosh": 47, "atanh": 42, "erf": 29, "erfc": 48,
-             "lgamma": 100, "sqrt": 13, "pow": 98, "atan2": 54, "hypot": 31, "fmod": 77}
+             "lgamma": 100, "sqrt": 13, "pow": 98, "atan2": 54, "hypot": 31, "fmod": 77,
+             "tf_sigmoid_f16": 15, "tf_sigmoid_bf16": 17}
 DIVIDE_COST = 16
 HEAVY = 6  # instructions an element per byte it moves from which a thread moves 16 bytes
 _CALLED = re.compile(r"\b([A-Za-z_]\w*?)f?\(")

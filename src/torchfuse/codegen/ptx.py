@@ -99,6 +99,7 @@ _MATH1 = ("acos", "asin", "atan", "acosh", "asinh", "atanh", "cos", "cosh", "exp
           "tanh", "exp2", "ceil", "floor", "trunc", "rint", "fabs")
 _MATH2 = ("atan2", "hypot", "copysign", "pow", "fmod", "fmax", "fmin", "tf_max", "tf_min",
           "tf_remainder", "tf_div_floor", "tf_logaddexp")
+_FLOAT1 = ("tf_sigmoid_f16", "tf_sigmoid_bf16")  # float of float: the device preamble's
 _CLASSIFY = ("signbit", "isinf")  # bool of a float or double (C++ overloads)
 _INT_HELPERS = ("tf_pow", "tf_shl", "tf_shr")  # T of (T, T), per integer tag
 
@@ -125,6 +126,10 @@ def _functions() -> dict[str, Function]:
             found[f"{name}{suffix}"] = Function(
                 symbol, t, (t,) * arity,
                 f'extern "C" __device__ {c} {symbol}({params}) {{ return {call}; }}')
+    for name in _FLOAT1:
+        symbol = f"tf_lib_{name[3:]}"
+        found[name] = Function(symbol, FLOAT, (FLOAT,), f'extern "C" __device__ float '
+                               f"{symbol}(float a) {{ return {name}(a); }}")
     for name in _CLASSIFY:
         for t, c in ((FLOAT, "float"), (DOUBLE, "double")):
             symbol = f"tf_lib_{name}_{c}"
