@@ -92,6 +92,22 @@ def test_flat_source_has_scalar_and_vector_entries():
     assert "uint2 all" in source and "uint4 all" in source  # 4 halves, 4 floats a load
 
 
+def test_entries_wait_for_the_kernel_before_them_on_sm_90(monkeypatch):
+    """Every C entry starts with the grid dependency (sm_90+: the launch lets it start early);
+    the launcher asks for that launch where the kernels are compiled for sm_90 or newer."""
+    x = torch.randn(10, 100)
+    ints = torch.ones(10, 100, dtype=torch.int32)  # a division checks for zero: checked entries
+    for source in (_source(lambda a: a * 2, x), _source(lambda a, b: a // b, ints, ints)):
+        entries = source.count('extern "C" __global__')
+        assert entries >= 2 and source.count(") {\n  TF_GRID_DEPENDENCY\n  tf_") == entries
+    for arch, dependent in (("sm_90", True), ("sm_90a", True), ("compute_100", True),
+                            ("sm_89", False), ("sm_80", False)):
+        monkeypatch.setattr(backend, "_arch", lambda index, arch=arch: (arch, "cubin"))
+        backend._dependent_launch.cache_clear()
+        assert backend._dependent_launch(0) == dependent
+    backend._dependent_launch.cache_clear()
+
+
 def test_strided_source_has_32_and_64_bit_entries():
     x = torch.randn(10, 100)
     source = _source(lambda a, b: a + b, x.t(), x.t())
@@ -485,13 +501,13 @@ def test_flat_calls_take_the_quick_path(cuda_fusion):
     handles, native = [], launch.native
 
     class Spy:  # the entry is picked in C (test_executor checks how), by either launch
-        def cuda_pick(self, cu_launch, scalar, vector, *rest):
+        def cuda_pick(self, cu_launch, pdl, scalar, vector, *rest):
             handles.append((scalar, vector))
-            return native.cuda_pick(cu_launch, scalar, vector, *rest)
+            return native.cuda_pick(cu_launch, pdl, scalar, vector, *rest)
 
-        def prepare_cuda(self, cu_launch, current, scalar, vector, *rest):
+        def prepare_cuda(self, cu_launch, pdl, current, scalar, vector, *rest):
             handles.append((scalar, vector))
-            return native.prepare_cuda(cu_launch, current, scalar, vector, *rest)
+            return native.prepare_cuda(cu_launch, pdl, current, scalar, vector, *rest)
 
     launch.native = Spy()
     try:
@@ -518,17 +534,17 @@ def test_strided_calls_take_the_quick_path(cuda_fusion):
     offered, native = [], launch.native
 
     class Spy:  # by either launch: its own, or the one prepared for a plan (2-d: 2 sizes)
-        def cuda_pick(self, cu_launch, scalar, vector, width, block, stream, numel, sizes,
+        def cuda_pick(self, cu_launch, pdl, scalar, vector, width, block, stream, numel, sizes,
                       magic, *rest):
             offered.append((vector, list(sizes), list(magic)))
-            return native.cuda_pick(cu_launch, scalar, vector, width, block, stream, numel, sizes,
-                                    magic, *rest)
+            return native.cuda_pick(cu_launch, pdl, scalar, vector, width, block, stream, numel,
+                                    sizes, magic, *rest)
 
-        def prepare_cuda(self, cu_launch, current, scalar, vector, width, block, stream, index,
-                         constants, *rest):
+        def prepare_cuda(self, cu_launch, pdl, current, scalar, vector, width, block, stream,
+                         index, constants, *rest):
             offered.append((vector, constants[1:3], constants[3:5]))
-            return native.prepare_cuda(cu_launch, current, scalar, vector, width, block, stream,
-                                       index, constants, *rest)
+            return native.prepare_cuda(cu_launch, pdl, current, scalar, vector, width, block,
+                                       stream, index, constants, *rest)
 
     launch.native = Spy()
     odd = x[:, :94]  # rows of 94: no whole vectors
@@ -576,6 +592,24 @@ def test_flat_calls_past_2_31_elements_run_in_chunks(cuda_fusion, launches):
     assert launches == ["vector32"] * 3  # 2**30, 2**30 and 37 elements
     assert torch.equal(out, x * 2 + 1)
     assert out[2**30].item() == 19 and out[-1].item() == 15
+
+
+@gpu
+def test_back_to_back_kernels_see_each_others_results(cuda_fusion):
+    """Kernels launched with programmatic stream serialisation (sm_90+) start before the one
+    before them ends; each waits for it before loading: a chain of fused calls, each reading
+    the last one's output at once, large enough that blocks overlap, gives eager's values."""
+    x = make_input((1 << 22,), torch.float32, "cuda", specials=False)
+    step = lambda a: a * 0.5 + 1.0  # noqa: E731
+    fused = _fused(step, x)
+    fused(x)  # both entries built
+    launch = next(iter(SPECS[torchfuse.register_fusion(trace(step, x))].kernels.values())).launch
+    major = torch.cuda.get_device_capability()[0]
+    assert launch.pdl == (major >= 9)
+    got = want = x
+    for _ in range(50):
+        got, want = fused(got)[0], step(want)
+    assert_same(got, want)
 
 
 @gpu

@@ -206,8 +206,9 @@ def test_native_launcher_builds_here():
 
 
 def test_native_cuda_launch_picks_the_entry_by_alignment():
-    """The CUDA quick path's launch, checked on any machine: a stand-in for cuLaunchKernel
-    records which entry the C code picked, its grid and the packed arguments."""
+    """The CUDA quick path's launch, checked on any machine: a stand-in for cuLaunchKernelEx
+    records which entry the C code picked, its grid, its launch attribute (programmatic stream
+    serialisation where asked) and the packed arguments."""
     import ctypes
 
     from torchfuse.devices import launcher
@@ -215,42 +216,55 @@ def test_native_cuda_launch_picks_the_entry_by_alignment():
     native = launcher.get()
     if native is None:
         pytest.skip("no native launcher here")
-    calls = []
-    prototype = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, *[ctypes.c_uint] * 7,
-                                 ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)
 
-    def cu_launch_kernel(function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+    class Attribute(ctypes.Structure):  # CUlaunchAttribute
+        _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_int), ("value", ctypes.c_int),
+                    ("rest", ctypes.c_char * 60)]
+
+    class Config(ctypes.Structure):  # CUlaunchConfig
+        _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
+                    ("shared", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                    ("attributes", ctypes.POINTER(Attribute)), ("n_attributes", ctypes.c_uint)]
+
+    calls = []
+    prototype = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(Config), ctypes.c_void_p,
+                                 ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)
+
+    def cu_launch_kernel_ex(config, function, params, extra):
+        c = config[0]
         args = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_int64))[0] for i in range(6)]
-        calls.append((function, gx, bx, stream, args))
+        attributes = [(c.attributes[i].id, c.attributes[i].value) for i in range(c.n_attributes)]
+        calls.append((function, c.grid[0], c.block[0], c.stream, args, attributes))
         return 0
 
-    stand_in = prototype(cu_launch_kernel)
+    stand_in = prototype(cu_launch_kernel_ex)
     address = ctypes.cast(stand_in, ctypes.c_void_p).value
     x = torch.zeros(1001)
     pointer = x.data_ptr()
     assert pointer % 16 == 0
     scalar, vector = 0x1000, 0x2000
 
-    def pick(vector, numel, sizes, magic, strides, tensors):
-        return native.cuda_pick(address, scalar, vector, 4, 256, 7, numel, sizes, magic, strides,
-                                tensors)
+    def pick(vector, numel, sizes, magic, strides, tensors, pdl=False):
+        return native.cuda_pick(address, pdl, scalar, vector, 4, 256, 7, numel, sizes, magic,
+                                strides, tensors)
 
+    pdl = [(6, 1)]  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, allowed
     assert pick(vector, 1001, [1001], [], [1, 1], [x, x]) == 0
     assert pick(vector, 1000, [1000], [], [1, 1], [x[1:], x]) == 0
-    assert pick(0, 1001, [1001], [], [1, 1], [x, x]) == 0
+    assert pick(0, 1001, [1001], [], [1, 1], [x, x], pdl=True) == 0
     assert pick(vector, 1000, [10, 100], [5, 9], [100, 1, 100, 1], [x, pointer + 32]) == 0
     assert calls == [
-        (vector, 1, 256, 7, [1001, 1001, 1, 1, pointer, pointer]),  # 251 vectors: one block
-        (scalar, 4, 256, 7, [1000, 1000, 1, 1, pointer + 4, pointer]),  # misaligned: elements
-        (scalar, 4, 256, 7, [1001, 1001, 1, 1, pointer, pointer]),  # no vector entry (yet)
-        (vector, 1, 256, 7, [1000, 10, 100, 5, 9, 100]),  # rows: sizes, dividers, strides
+        (vector, 1, 256, 7, [1001, 1001, 1, 1, pointer, pointer], []),  # 251 vectors: one block
+        (scalar, 4, 256, 7, [1000, 1000, 1, 1, pointer + 4, pointer], []),  # misaligned
+        (scalar, 4, 256, 7, [1001, 1001, 1, 1, pointer, pointer], pdl),  # no vector entry yet
+        (vector, 1, 256, 7, [1000, 10, 100, 5, 9, 100], []),  # rows: sizes, dividers, strides
     ]
     assert pick(vector, 0, [0], [], [1], [x]) == 0  # nothing to launch
     assert len(calls) == 4
     with pytest.raises(TypeError):
-        native.cuda_pick(address, scalar, vector, 4, 256, 7, 10, [10], [], [1])
+        native.cuda_pick(address, False, scalar, vector, 4, 256, 7, 10, [10], [], [1])
     with pytest.raises(ValueError):
-        native.cuda_pick(address, scalar, vector, 0, 256, 7, 10, [10], [], [1], [x])
+        native.cuda_pick(address, False, scalar, vector, 0, 256, 7, 10, [10], [], [1], [x])
 
 
 class Counted:

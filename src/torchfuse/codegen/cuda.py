@@ -119,6 +119,16 @@ TF_FN float tf_round_bf16_native(float f) {
 }
 #define TF_ROUND_BF16_NATIVE tf_round_bf16_native
 #endif
+/* Programmatic dependent launch (sm_90+; devices/cuda launches every entry so): an entry point
+   first waits until the kernel before it in the stream has finished and its writes show (its
+   loads may read them), then lets the next kernel's blocks start as its own last blocks run. */
+#if __CUDA_ARCH__ >= 900
+#define TF_GRID_DEPENDENCY \
+  asm volatile("griddepcontrol.wait;" ::: "memory"); \
+  asm volatile("griddepcontrol.launch_dependents;");
+#else
+#define TF_GRID_DEPENDENCY
+#endif
 /* sigmoid(x) = 1 / (1 + expf(-x)) as eager computes it, for a result rounded to float16
    (tf_sigmoid_f16) or bfloat16 (tf_sigmoid_bf16), without division's per-element test and
    branch to its out-of-line slow path (a fifth of the float16 LSTM cell's instructions).
@@ -626,6 +636,7 @@ class _Kernel:
             f"#ifdef TF_ENTRY_{name}",
             f'extern "C" __global__ void __launch_bounds__({BLOCK}) {prefix}{name}(',
             f"    {self.params()}) {{",
+            "  TF_GRID_DEPENDENCY",
             f"  tf_{kind}<{index}>({self.args()});",
             "}",
             "#endif",

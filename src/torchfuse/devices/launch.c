@@ -80,15 +80,29 @@ static PyObject *cpu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return PyLong_FromLong(error);
 }
 
-/* cuLaunchKernel's signature, declared here so that no CUDA header is needed. */
-typedef int (*cu_launch_kernel)(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
-                                unsigned by, unsigned bz, unsigned shared, void *stream,
-                                void **params, void **extra);
+/* cuLaunchKernelEx's signature and types (CUDA 11.8+), declared here so that no CUDA header is
+ * needed: a launch config with at most one attribute, programmatic stream serialisation (PDL),
+ * which lets the kernel start while the one before it in the stream finishes; the kernel
+ * itself waits for that one's end before its first load (codegen/cuda's TF_GRID_DEPENDENCY). */
+typedef struct {
+    int id;    /* CUlaunchAttributeID */
+    int pad;
+    union { char bytes[64]; int allowed; void *align; } value;
+} cu_launch_attribute;
+typedef struct {
+    unsigned gx, gy, gz, bx, by, bz, shared;
+    void *stream;
+    cu_launch_attribute *attributes;
+    unsigned n_attributes;
+} cu_launch_config;
+typedef int (*cu_launch_kernel)(const cu_launch_config *config, void *f, void **params,
+                                void **extra);
+#define CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION 6
 
 /* Launch the vector entry (``width`` elements a thread) where there is one and every pointer
  * in buf[first:pos] is 16-byte aligned, else the scalar entry: a thread per element or vector,
  * blocks of ``block``, at most 2**31 - 1 of them. The GIL is released around the launch. */
-static int launch_picked(void *launch, void *scalar, void *vector, long long width,
+static int launch_picked(void *launch, int pdl, void *scalar, void *vector, long long width,
                          long long block, void *stream, long long numel, int64_t *buf,
                          Py_ssize_t first, Py_ssize_t pos) {
     void *params[MAX_ARGS];
@@ -104,15 +118,19 @@ static int launch_picked(void *launch, void *scalar, void *vector, long long wid
     if (blocks > 2147483647LL) blocks = 2147483647LL;
     for (Py_ssize_t i = 0; i < pos; i++) params[i] = &buf[i];
     int result;
+    cu_launch_attribute attribute = {CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 0,
+                                     {{0}}};
+    attribute.value.allowed = 1;
+    cu_launch_config config = {(unsigned)blocks, 1, 1, (unsigned)block, 1, 1, 0, stream,
+                               &attribute, pdl ? 1 : 0};
     Py_BEGIN_ALLOW_THREADS
-    result = ((cu_launch_kernel)launch)(function, (unsigned)blocks, 1, 1, (unsigned)block, 1, 1,
-                                        0, stream, params, NULL);
+    result = ((cu_launch_kernel)launch)(&config, function, params, NULL);
     Py_END_ALLOW_THREADS
     return result;
 }
 
-/* cuda_pick(cuLaunchKernel, scalar, vector, width, block, stream, numel, sizes, dividers,
- *           strides, tensors) -> CUresult: a CUDA kernel's launch: its vector entry
+/* cuda_pick(cuLaunchKernelEx, pdl, scalar, vector, width, block, stream, numel, sizes,
+ *           dividers, strides, tensors) -> CUresult: a CUDA kernel's launch: its vector entry
  * (``vector``; 0 until it is built, or where the layout does not allow it), ``width`` elements
  * a thread, where every pointer is 16-byte aligned, else its scalar entry; a thread per element
  * or vector (blocks of ``block``, at most 2**31 - 1 of them). The whole of the CUDA quick path
@@ -121,38 +139,39 @@ static PyObject *cuda_pick(PyObject *self, PyObject *const *args, Py_ssize_t nar
     int64_t buf[MAX_ARGS];
     Py_ssize_t pos = 0;
     void *launch, *scalar, *vector, *stream;
-    if (nargs != 11) {
-        PyErr_SetString(PyExc_TypeError, "cuda_pick(cuLaunchKernel, scalar, vector, width, block, "
-                                         "stream, numel, sizes, dividers, strides, tensors)");
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "cuda_pick(cuLaunchKernelEx, pdl, scalar, vector, width, "
+                                         "block, stream, numel, sizes, dividers, strides, tensors)");
         return NULL;
     }
-    if (as_address(args[0], &launch) < 0 || as_address(args[1], &scalar) < 0 ||
-        as_address(args[2], &vector) < 0 || as_address(args[5], &stream) < 0)
+    if (as_address(args[0], &launch) < 0 || as_address(args[2], &scalar) < 0 ||
+        as_address(args[3], &vector) < 0 || as_address(args[6], &stream) < 0)
         return NULL;
-    long long width = PyLong_AsLongLong(args[3]);
-    long long block = PyLong_AsLongLong(args[4]);
-    long long numel = PyLong_AsLongLong(args[6]);
-    if (PyErr_Occurred()) return NULL;
+    int pdl = PyObject_IsTrue(args[1]);
+    long long width = PyLong_AsLongLong(args[4]);
+    long long block = PyLong_AsLongLong(args[5]);
+    long long numel = PyLong_AsLongLong(args[7]);
+    if (pdl < 0 || PyErr_Occurred()) return NULL;
     if (width < 1 || block < 1 || numel < 0) {
         PyErr_SetString(PyExc_ValueError, "width and block must be positive, numel not negative");
         return NULL;
     }
     buf[pos++] = numel;
-    if (pack(buf, &pos, args[7], 0) < 0 || pack(buf, &pos, args[8], 0) < 0 ||
-        pack(buf, &pos, args[9], 0) < 0)
+    if (pack(buf, &pos, args[8], 0) < 0 || pack(buf, &pos, args[9], 0) < 0 ||
+        pack(buf, &pos, args[10], 0) < 0)
         return NULL;
     Py_ssize_t first = pos;
-    if (pack(buf, &pos, args[10], 1) < 0) return NULL;
+    if (pack(buf, &pos, args[11], 1) < 0) return NULL;
     if (numel == 0) return PyLong_FromLong(0);
-    return PyLong_FromLong(launch_picked(launch, scalar, vector, width, block, stream, numel, buf,
-                                         first, pos));
+    return PyLong_FromLong(launch_picked(launch, pdl, scalar, vector, width, block, stream, numel,
+                                         buf, first, pos));
 }
 
 /* ---- Call: a kernel bound to one plan ------------------------------------------------------ */
 
 typedef int (*cu_ctx_get_current)(void **context);
 
-/* call(*operands) -> the outputs' tuple; an int: the kernel's error code, or cuLaunchKernel's
+/* call(*operands) -> the outputs' tuple; an int: the kernel's error code, or cuLaunchKernelEx's
  * CUresult (the caller's general path then runs, and reports it); None where a CUDA launch
  * cannot go from this thread as it stands (no context, or another GPU's): the general path
  * switches device and runs. An operand is a tensor, or an int: its data pointer. */
@@ -162,6 +181,7 @@ typedef struct {
     void *kernel;              /* the C kernel, or the CUDA scalar entry */
     void *vector;              /* the CUDA vector entry, or NULL */
     cu_launch_kernel launch;   /* NULL for a C kernel */
+    int pdl;                   /* launch it with programmatic stream serialisation */
     cu_ctx_get_current current;
     void *context;             /* the CUDA context current when the call was prepared */
     long long width, block, numel;
@@ -207,8 +227,8 @@ static PyObject *call_vectorcall(PyObject *callable, PyObject *const *args, size
         void *raw = PyLong_AsVoidPtr(stream);
         Py_DECREF(stream);
         if (PyErr_Occurred()) goto fail;
-        error = launch_picked(self->launch, self->kernel, self->vector, self->width, self->block,
-                              raw, self->numel, buf, first, pos);
+        error = launch_picked(self->launch, self->pdl, self->kernel, self->vector, self->width,
+                              self->block, raw, self->numel, buf, first, pos);
     } else {
         Py_BEGIN_ALLOW_THREADS
         error = ((cpu_kernel)self->kernel)(buf);
@@ -276,6 +296,7 @@ static Call *new_call(PyObject *consts, PyObject *n_operands, PyObject *empty, P
     self->vectorcall = call_vectorcall;
     self->kernel = self->vector = self->context = NULL;
     self->launch = NULL;
+    self->pdl = 0;
     self->current = NULL;
     self->width = self->block = 1;
     self->numel = buf[0];
@@ -308,23 +329,24 @@ static PyObject *prepare_cpu(PyObject *module, PyObject *const *args, Py_ssize_t
     return (PyObject *)self;
 }
 
-/* prepare_cuda(cuLaunchKernel, cuCtxGetCurrent, scalar, vector, width, block, stream, index,
- *              consts, n_operands, empty, outs, owner) -> Call of a CUDA kernel, bound to the
- * context current now: the caller makes its GPU's current first. */
+/* prepare_cuda(cuLaunchKernelEx, pdl, cuCtxGetCurrent, scalar, vector, width, block, stream,
+ *              index, consts, n_operands, empty, outs, owner) -> Call of a CUDA kernel, bound
+ * to the context current now: the caller makes its GPU's current first. */
 static PyObject *prepare_cuda(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 13) {
+    if (nargs != 14) {
         PyErr_SetString(PyExc_TypeError,
-                        "prepare_cuda(cuLaunchKernel, cuCtxGetCurrent, scalar, vector, width, "
-                        "block, stream, index, consts, n_operands, empty, outs, owner)");
+                        "prepare_cuda(cuLaunchKernelEx, pdl, cuCtxGetCurrent, scalar, vector, "
+                        "width, block, stream, index, consts, n_operands, empty, outs, owner)");
         return NULL;
     }
     void *launch, *current, *scalar, *vector, *context = NULL;
-    if (as_address(args[0], &launch) < 0 || as_address(args[1], &current) < 0 ||
-        as_address(args[2], &scalar) < 0 || as_address(args[3], &vector) < 0)
+    if (as_address(args[0], &launch) < 0 || as_address(args[2], &current) < 0 ||
+        as_address(args[3], &scalar) < 0 || as_address(args[4], &vector) < 0)
         return NULL;
-    long long width = PyLong_AsLongLong(args[4]);
-    long long block = PyLong_AsLongLong(args[5]);
-    if (PyErr_Occurred()) return NULL;
+    int pdl = PyObject_IsTrue(args[1]);
+    long long width = PyLong_AsLongLong(args[5]);
+    long long block = PyLong_AsLongLong(args[6]);
+    if (pdl < 0 || PyErr_Occurred()) return NULL;
     if (width < 1 || block < 1 || !launch || !current || !scalar) {
         PyErr_SetString(PyExc_ValueError, "a CUDA call needs its functions, width and block");
         return NULL;
@@ -334,17 +356,18 @@ static PyObject *prepare_cuda(PyObject *module, PyObject *const *args, Py_ssize_
         PyErr_Format(PyExc_RuntimeError, "no current CUDA context (CUresult %d)", result);
         return NULL;
     }
-    Call *self = new_call(args[8], args[9], args[10], args[11], args[12]);
+    Call *self = new_call(args[9], args[10], args[11], args[12], args[13]);
     if (!self) return NULL;
     self->launch = (cu_launch_kernel)launch;
+    self->pdl = pdl;
     self->current = (cu_ctx_get_current)current;
     self->context = context;
     self->kernel = scalar;
     self->vector = vector;
     self->width = width;
     self->block = block;
-    self->stream = Py_NewRef(args[6]);
-    self->index = Py_NewRef(args[7]);
+    self->stream = Py_NewRef(args[7]);
+    self->index = Py_NewRef(args[8]);
     return (PyObject *)self;
 }
 
