@@ -208,7 +208,7 @@ def test_native_launcher_builds_here():
 def test_native_cuda_launch_picks_the_entry_by_alignment():
     """The CUDA quick path's launch, checked on any machine: a stand-in for cuLaunchKernelEx
     records which entry the C code picked, its grid, its launch attribute (programmatic stream
-    serialisation where asked) and the packed arguments."""
+    serialisation where asked, for the vector entry) and the packed arguments."""
     import ctypes
 
     from torchfuse.devices import launcher
@@ -249,14 +249,14 @@ def test_native_cuda_launch_picks_the_entry_by_alignment():
                                 strides, tensors)
 
     pdl = [(6, 1)]  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, allowed
-    assert pick(vector, 1001, [1001], [], [1, 1], [x, x]) == 0
-    assert pick(vector, 1000, [1000], [], [1, 1], [x[1:], x]) == 0
-    assert pick(0, 1001, [1001], [], [1, 1], [x, x], pdl=True) == 0
+    assert pick(vector, 1001, [1001], [], [1, 1], [x, x], pdl=True) == 0
+    assert pick(vector, 1000, [1000], [], [1, 1], [x[1:], x], pdl=True) == 0
+    assert pick(0, 1001, [1001], [], [1, 1], [x, x]) == 0
     assert pick(vector, 1000, [10, 100], [5, 9], [100, 1, 100, 1], [x, pointer + 32]) == 0
     assert calls == [
-        (vector, 1, 256, 7, [1001, 1001, 1, 1, pointer, pointer], []),  # 251 vectors: one block
+        (vector, 1, 256, 7, [1001, 1001, 1, 1, pointer, pointer], pdl),  # 251 vectors: a block
         (scalar, 4, 256, 7, [1000, 1000, 1, 1, pointer + 4, pointer], []),  # misaligned
-        (scalar, 4, 256, 7, [1001, 1001, 1, 1, pointer, pointer], pdl),  # no vector entry yet
+        (scalar, 4, 256, 7, [1001, 1001, 1, 1, pointer, pointer], []),  # no vector entry yet
         (vector, 1, 256, 7, [1000, 10, 100, 5, 9, 100], []),  # rows: sizes, dividers, strides
     ]
     assert pick(vector, 0, [0], [], [1], [x]) == 0  # nothing to launch

@@ -154,23 +154,6 @@ def test_link_takes_what_an_entry_calls_in_the_librarys_order():
     assert module.count("__internal_helper(") == 2  # its prototype and its definition
 
 
-def test_entries_for_sm_90_wait_for_the_kernel_before_them():
-    """Where the library targets sm_90+, link() writes the grid dependency (the launcher's PDL
-    lets an entry start before the kernel before it ends); for older targets, nothing."""
-    x = torch.randn(64)
-    entry = _source(lambda a: a * 2, x).split(PTX_MARK)[1]
-    entry = entry[entry.index(".visible .entry"):entry.rindex("#endif")]
-    assert ptx.GRID_DEPENDENCY in entry
-    for target, waits in (("sm_90", True), ("sm_100", True), ("sm_80", False)):
-        library = ptx.Library.parse(LIBRARY.replace(".target sm_90", f".target {target}"))
-        module = ptx.link(entry, library)
-        assert ptx.GRID_DEPENDENCY not in module
-        assert ("griddepcontrol.wait;" in module) == waits
-        assert ("griddepcontrol.launch_dependents;" in module) == waits
-        if waits:  # before any load
-            assert module.index("griddepcontrol.wait;") < module.index("ld.global")
-
-
 def test_library_source_exports_every_function():
     source = ptx.library_source("/* preamble */")
     for function in ptx.FUNCTIONS.values():

@@ -119,7 +119,7 @@ TF_FN float tf_round_bf16_native(float f) {
 }
 #define TF_ROUND_BF16_NATIVE tf_round_bf16_native
 #endif
-/* Programmatic dependent launch (sm_90+; devices/cuda launches every entry so): an entry point
+/* Programmatic dependent launch (sm_90+; devices/cuda launches such an entry so): the entry
    first waits until the kernel before it in the stream has finished and its writes show (its
    loads may read them), then lets the next kernel's blocks start as its own last blocks run. */
 #if __CUDA_ARCH__ >= 900
@@ -343,7 +343,8 @@ class CUDARenderer(CStyleRenderer):
         code = "\n".join(kernel.lines())
         header = (f"// entry points: {' '.join(entry_points(argspec))}\n"
                   f"// operand bytes: {' '.join(str(d.itemsize) for d in kernel.dtypes)}\n"
-                  f"// vector elements: {kernel.width}")
+                  f"// vector elements: {kernel.width}\n"
+                  f"// waits for the kernel before: {' '.join(kernel.waiting) or '-'}")
         pairs = PAIRS if re.search(r"\btf_(h|bf)\w+2\(", code) else ""
         return "\n".join([header, self.preamble, helpers_for(code + pairs), pairs, "", code,
                           *kernel.assembly(), ""])
@@ -367,6 +368,17 @@ class _Kernel:
         heavy = instructions(self.body) >= HEAVY * moved
         self.width = vector_width(self.dtypes, streamed, self.flat, heavy,  # vector elements
                                   renderer.scale(argspec.device))
+        self.waiting = [e for e in entry_points(argspec) if self.waits(e)]
+
+    def waits(self, entry: str) -> bool:
+        """Whether ``entry`` starts with the grid dependency (TF_GRID_DEPENDENCY), and is
+        launched to overlap the kernel before it: vector entries whose threads move 16 bytes of
+        the widest operand or more. A thread's wait costs its block a fixed time at its start:
+        blocks of 8 bytes a thread (light flat kernels on an H100: gated, where_mix) ran 18-21 %
+        slower with it, blocks of 16 bytes or more gained 0.3-1.3 % by the overlap
+        (bench/RESULTS.md, session 9); scalar entries move one element a thread."""
+        widest = max(d.itemsize for d in self.dtypes)
+        return entry.startswith("vector") and self.width * widest >= VECTOR_BYTES
 
     # ---- parameters --------------------------------------------------------------------------
 
@@ -636,7 +648,7 @@ class _Kernel:
             f"#ifdef TF_ENTRY_{name}",
             f'extern "C" __global__ void __launch_bounds__({BLOCK}) {prefix}{name}(',
             f"    {self.params()}) {{",
-            "  TF_GRID_DEPENDENCY",
+            *(["  TF_GRID_DEPENDENCY"] if name in self.waiting else []),
             f"  tf_{kind}<{index}>({self.args()});",
             "}",
             "#endif",

@@ -204,18 +204,10 @@ class Library:
         return names
 
 
-# Where link() writes codegen/cuda's TF_GRID_DEPENDENCY for the library's target
-GRID_DEPENDENCY = "\t// the grid dependency"
-
-
 def link(entry: str, library: Library) -> str:
     """One PTX module: the library's header, the library items ``entry`` uses, ``entry``; calls
     of leaf functions (no calls, no stack) written out in place, as NVVM would have inlined
-    them: ptxas does not inline, and a call costs the loop its scheduling across it. For sm_90
-    and newer the entry waits for the kernel before it first, as the C entries do."""
-    target = re.search(r"\.target sm_(\d+)", library.header)
-    wait = "\tgriddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;"
-    entry = entry.replace(GRID_DEPENDENCY, wait if target and int(target[1]) >= 90 else "")
+    them: ptxas does not inline, and a call costs the loop its scheduling across it."""
     definitions = {name: text for name, text in library.items if "{" in text}
     sites = iter(range(1, 1 << 30))
     entry = _CALL.sub(lambda call: _inlined(call, definitions, next(sites)), entry)
@@ -825,7 +817,7 @@ def scalar_entry(kernel, block: int, name: str = "tf_scalar32") -> str:
     e.op(f"@{done.reg} bra $L_loop")
     e.lines.append("$L_done:")
     e.op("ret")
-    return "\n".join([*header, *e.declarations(), GRID_DEPENDENCY, *e.lines, "}"])
+    return "\n".join([*header, *e.declarations(), *e.lines, "}"])
 
 
 def _guard(e: Emitter, kernel, p: int, index: list[Value], strides: list[Value]) -> Value:

@@ -83,7 +83,8 @@ static PyObject *cpu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
 /* cuLaunchKernelEx's signature and types (CUDA 11.8+), declared here so that no CUDA header is
  * needed: a launch config with at most one attribute, programmatic stream serialisation (PDL),
  * which lets the kernel start while the one before it in the stream finishes; the kernel
- * itself waits for that one's end before its first load (codegen/cuda's TF_GRID_DEPENDENCY). */
+ * itself waits for that one's end before its first load (codegen/cuda's TF_GRID_DEPENDENCY).
+ * ``pdl``: the vector entry waits so (scalar entries never do). */
 typedef struct {
     int id;    /* CUlaunchAttributeID */
     int pad;
@@ -122,7 +123,7 @@ static int launch_picked(void *launch, int pdl, void *scalar, void *vector, long
                                      {{0}}};
     attribute.value.allowed = 1;
     cu_launch_config config = {(unsigned)blocks, 1, 1, (unsigned)block, 1, 1, 0, stream,
-                               &attribute, pdl ? 1 : 0};
+                               &attribute, pdl && function == vector ? 1 : 0};
     Py_BEGIN_ALLOW_THREADS
     result = ((cu_launch_kernel)launch)(&config, function, params, NULL);
     Py_END_ALLOW_THREADS

@@ -14,9 +14,10 @@ times slower to compile, follows on a background thread. The scalar entry is ass
 PTX the source carries (codegen/ptx.py) where it can be: ptxas alone, about twice as quick as
 NVRTC, with math functions from a PTX library NVRTC compiles once per machine.
 Launches go through the native launcher (devices/launch.c: cuLaunchKernelEx with the arguments
-packed in C; on sm_90+ with programmatic dependent launch, see _dependent_launch) where it is
-built, else through cuda.core; the executor's guarded calls go through a launch
-prepared for their plan (``_Launcher.prepare``), which allocates the outputs in C too. The grid has
+packed in C; on sm_90+ wide vector entries with programmatic dependent launch, see
+_dependent_launch) where it is built, else through cuda.core; the executor's guarded calls go
+through a launch prepared for their plan (``_Launcher.prepare``), which allocates the outputs in
+C too. The grid has
 a thread for every element (or vector), and the block scheduler keeps every multiprocessor fed to
 the end: a grid of only as many blocks as the GPU holds at once, each thread looping over the
 tensor, ran at 1.05-1.24x the copy floor at 2**26 elements where this one runs at 0.98-1.02x (its
@@ -102,11 +103,11 @@ def _arch(index: int) -> tuple[str, str]:
 
 @functools.cache
 def _dependent_launch(index: int) -> bool:
-    """Whether GPU ``index``'s kernels are compiled for sm_90 or newer, where every entry point
-    first waits for the kernel before it in the stream (codegen/cuda's TF_GRID_DEPENDENCY): such
-    kernels launch with programmatic stream serialisation (PDL), so that each one's blocks start
-    while the one before finishes its last (back-to-back large kernels 0.5-1.5 % faster on an
-    H200, bench/RESULTS.md session 9)."""
+    """Whether GPU ``index``'s kernels are compiled for sm_90 or newer, where an entry point
+    rendered to wait for the kernel before it in the stream (codegen/cuda's TF_GRID_DEPENDENCY,
+    ``_Kernel.waits``) does: such entries launch with programmatic stream serialisation (PDL),
+    so that their blocks start while the kernel before finishes its last (back-to-back large
+    kernels 0.3-1.3 % faster, bench/RESULTS.md session 9)."""
     return int(re.sub(r"\D", "", _arch(index)[0])) >= 90
 
 
@@ -465,7 +466,8 @@ class _Launcher:
         self.checked = "tf_checked_" in source
         self.enqueue, self.config_of = core.launch, core.LaunchConfig
         self.native, self.cu_launch = launcher.get(), _driver("cuLaunchKernelEx")
-        self.pdl = _dependent_launch(index)
+        self.pdl = (_dependent_launch(index)  # the vector entry's launches
+                    and "vector32" in _header(source, "waits for the kernel before"))
         self.kernels: dict[str, tuple[object, int | None]] = {}  # entry -> (kernel, handle)
         self.codes: list[object] = []  # keeps every loaded module alive
         self.lock = threading.Lock()
