@@ -595,9 +595,8 @@ class _Launcher:
             _enter(self.index)
             return self.native.prepare_cuda(
                 self.cu_launch, self.pdl, current, self.scalar, vector, self.width, BLOCK,
-                _raw_stream,
-                self.index, [numel, *sizes, *magic, *strides], n_operands, _empty_strided, outs,
-                self)
+                _raw_stream, self.index, [numel, *sizes, *magic, *strides], n_operands,
+                _empty_strided, outs, self)
 
     def _layout(self, numel: int, sizes: list[int], strides: list[int]) -> tuple[str, list]:
         """A strided kernel's entry point for this layout and its dividers (memoised per layout:
