@@ -55,3 +55,14 @@ def test_steady_heap_leaves_allocation_working():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.split()[-1]) == 2.0 * (1 << 22)
+
+
+@needs_cc
+def test_a_second_process_finds_the_kernels_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(sys.path))
+    found = bench.process_start(torch.device("cpu"), str(tmp_path), backends=("torchfuse",))
+    assert found["torchfuse"]["cold"] > 0 and found["torchfuse"]["warm"] > 0
+    assert found["torchfuse"]["warm_compiles"] == 0
+    assert "not measured" in bench.start_line(found)  # Inductor's processes did not run
+    both = {**found, "inductor": {"cold": 9.0, "warm": 2.0, "warm_compiles": 0}}
+    assert "torchfuse" in bench.start_line(both) and "Inductor 2.000 s." in bench.start_line(both)

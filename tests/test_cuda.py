@@ -332,6 +332,37 @@ def test_run_fusion_in_a_cuda_graph(cuda_fusion):
 
 
 @gpu
+def test_dependent_kernels_in_a_cuda_graph(cuda_fusion):
+    """A chain of fused calls captured into one CUDA graph, each reading the output of the one
+    before, large enough that blocks overlap (on sm_90+ the dependent launch becomes an edge of
+    the graph), with an eager kernel in the middle, replayed on new values: eager's results."""
+    x = make_input((1 << 22,), torch.float32, "cuda", specials=False)
+    step = lambda a: a * 0.5 + 1.0  # noqa: E731
+    key = torchfuse.register_fusion(trace(step, x))
+
+    def chain(a, fused):
+        for i in range(8):
+            a = torchfuse.run_fusion(key, a)[0] if fused else step(a)
+            a = a - 0.25 if i == 3 else a
+        return a
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the default stream, as capture asks
+        chain(x, fused=True)
+        SPECS[key].kernels.settle()
+        chain(x, fused=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x, fused=True)
+    x.copy_(make_input((1 << 22,), torch.float32, "cuda", seed=1, specials=False))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_same(out, chain(x, fused=False))
+
+
+@gpu
 def test_every_gpu_and_the_current_device(cuda_fusion):
     fn = lambda a, b: a * b + 0.5  # noqa: E731
     for index in range(torch.cuda.device_count()):

@@ -6,7 +6,8 @@ Every workload runs at a large size (memory bound) and a small size (overhead bo
 eager; ``torch.compile`` with Inductor; torchfuse through ``torch.compile``; torchfuse's
 ``run_fusion`` (fresh outputs, as callers get them); the same kernel launched into preallocated
 outputs (no allocation, no page faults); the floor (bytes the workload must move / copy
-bandwidth measured here); compile seconds of both compilers, each on a fresh cache. It prints
+bandwidth measured here); compile seconds of both compilers, each on a fresh cache, and a
+program's first call in a fresh process on cold and on warm caches. It prints
 progress to stderr, Markdown tables with ratios to stdout, and optionally writes JSON. It is a
 benchmark, not a test: it reports, it never fails.
 """
@@ -632,6 +633,7 @@ def report(result: dict) -> str:
             "CUDA vector entry's background build; first call = trace + compile + run.",
             compile_table(large),
             *([program_line(result["program_compile_s"])] if "program_compile_s" in result else []),
+            *([start_line(result["process_start_s"])] if "process_start_s" in result else []),
         ]
     )
 
@@ -661,15 +663,77 @@ def warm_up(device: torch.device, root: str) -> dict[str, float]:
 PROGRAM_ROUNDS = 3
 
 
+def _four_groups_inputs(device: torch.device) -> list[torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(256, 256, generator=gen, device=device)
+    w = torch.randn(256, 256, generator=gen, device=device) / 16
+    return [x, w]
+
+
+WARM_ROUNDS = 2
+
+
+def process_start(device: torch.device, root: str,
+                  backends: Sequence[str] = ("torchfuse", "inductor")) -> dict[str, dict]:
+    """The first call of ``four_groups`` in a fresh process, per compiler: on empty caches
+    ("cold"), then in later processes that find the on-disk caches the one before left
+    ("warm": a program's second run; best of WARM_ROUNDS). Each process's imports and CUDA's
+    start are not counted; everything from torch.compile to the result is. The warm processes
+    also say how many kernels torchfuse compiled in them (none: its disk cache has them)."""
+    found: dict[str, dict] = {}
+    for backend in backends:
+        caches = tempfile.mkdtemp(prefix=f"start-{backend}-", dir=root)
+        env = {**os.environ, "TORCHFUSE_CACHE_DIR": os.path.join(caches, "torchfuse"),
+               "TORCHINDUCTOR_CACHE_DIR": os.path.join(caches, "inductor"),
+               "TRITON_CACHE_DIR": os.path.join(caches, "triton")}
+        command = [sys.executable, "-m", "torchfuse.bench", "--device", str(device),
+                   "--first-call", backend]
+        runs = []
+        for _ in range(1 + WARM_ROUNDS):
+            done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+            if done.returncode:
+                _progress(f"    a fresh process's first call failed: {done.stderr[-500:]}")
+                break
+            runs.append(json.loads(done.stdout.splitlines()[-1]))
+        if len(runs) == 1 + WARM_ROUNDS:
+            found[backend] = {"cold": runs[0]["seconds"],
+                              "warm": min(r["seconds"] for r in runs[1:]),
+                              "warm_compiles": max(r["compiles"] for r in runs[1:])}
+    return found
+
+
+def first_call(backend: str, device: torch.device) -> dict[str, float]:
+    """In this process (``--first-call``): the seconds from torch.compile of ``four_groups`` to
+    its first result, and the kernels torchfuse compiled meanwhile."""
+    inputs = _four_groups_inputs(device)
+    _sync(device)
+    start = time.perf_counter()
+    torch.compile(four_groups, backend=backend)(*inputs)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    _settle()  # background builds (CUDA's vector entries) count as compiles too
+    info = torchfuse.cache_info()
+    return {"seconds": seconds, "compiles": info["compiles"] + info["background_compiles"]}
+
+
+def start_line(found: dict[str, dict]) -> str:
+    if set(found) != {"torchfuse", "inductor"}:
+        return "A fresh process's first call of `four_groups`: not measured (a process failed)."
+    tf, ind = found["torchfuse"], found["inductor"]
+    return (f"The same program's first call in a fresh process (imports not counted): on cold "
+            f"caches torchfuse {_s(tf['cold'])} s, Inductor {_s(ind['cold'])} s; on the caches "
+            f"the process before left (a program's second run, best of {WARM_ROUNDS}) "
+            f"torchfuse {_s(tf['warm'])} s ({tf['warm_compiles']:.0f} kernels compiled), "
+            f"Inductor {_s(ind['warm'])} s.")
+
+
 def program_compile(device: torch.device, root: str) -> dict[str, float]:
     """First call of ``four_groups`` on cold caches, best of PROGRAM_ROUNDS rounds (the first
     round in a process also pays Dynamo's first trace of its matrix products and sum, whichever
     compiler goes first): torchfuse (its groups built side by side, from the moment
     torch.compile binds them), torchfuse with each group built at its first call (one after
     another, as before session 3), and Inductor."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(256, 256, generator=gen, device=device)
-    w = torch.randn(256, 256, generator=gen, device=device) / 16
+    x, w = _four_groups_inputs(device)
     seconds: dict[str, float] = {}
     for _ in range(PROGRAM_ROUNDS):
         for name, backend, prebuild in (("torchfuse", "torchfuse", executor.prebuild),
@@ -702,6 +766,8 @@ def run(device: torch.device, plan: Plan, only: Sequence[str] = ()) -> dict:
         bandwidth = copy_bandwidth(device, 4 * plan.large, plan)
         _progress("compiling a program of four groups ...")
         program = program_compile(device, root)
+        _progress("the same program's first call in fresh processes ...")
+        start = process_start(device, root)
         rows = []
         cases = [(w, n) for w in chosen for n in (plan.large, plan.small)]
         for k, (workload, n) in enumerate(cases, 1):
@@ -711,6 +777,7 @@ def run(device: torch.device, plan: Plan, only: Sequence[str] = ()) -> dict:
         "machine": info,
         "first_compile_s": first,
         "program_compile_s": program,
+        "process_start_s": start,
         "copy_bandwidth": bandwidth,
         "load_average_end": _load(),
         "large": plan.large,
@@ -735,8 +802,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="NAME",
         help="run only workloads whose label contains one of these",
     )
+    parser.add_argument("--first-call", metavar="BACKEND", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     device = torch.device(options.device)
+    if options.first_call:  # a process of process_start's
+        print(json.dumps(first_call(options.first_call, device)))
+        return 0
     if device.type == "cuda":
         # NVRTC keeps machine code in CUDA's compute cache (~/.nv/ComputeCache), keyed by the
         # PTX: a kernel compiled by an earlier run would load from there, not compile cold.
