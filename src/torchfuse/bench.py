@@ -677,8 +677,9 @@ def process_start(device: torch.device, root: str,
                   backends: Sequence[str] = ("torchfuse", "inductor")) -> dict[str, dict]:
     """The first call of ``four_groups`` in a fresh process, per compiler: on empty caches
     ("cold"), then in later processes that find the on-disk caches the one before left
-    ("warm": a program's second run; best of WARM_ROUNDS). Each process's imports and CUDA's
-    start are not counted; everything from torch.compile to the result is. The warm processes
+    ("warm": a program's second run; best of WARM_ROUNDS). Each process's imports, CUDA's start
+    and an eager run of the program are not counted (``first_call``); everything from
+    torch.compile to the result is. The warm processes
     also say how many kernels torchfuse compiled in them (none: its disk cache has them)."""
     found: dict[str, dict] = {}
     for backend in backends:
@@ -704,8 +705,11 @@ def process_start(device: torch.device, root: str,
 
 def first_call(backend: str, device: torch.device) -> dict[str, float]:
     """In this process (``--first-call``): the seconds from torch.compile of ``four_groups`` to
-    its first result, and the kernels torchfuse compiled meanwhile."""
+    its first result, and the kernels torchfuse compiled meanwhile. The program runs eagerly
+    first: what any process pays at its first matrix product (cuBLAS's start, CUDA's loading
+    of eager's kernels), whichever compiler it uses, is not the compiler's."""
     inputs = _four_groups_inputs(device)
+    four_groups(*inputs)
     _sync(device)
     start = time.perf_counter()
     torch.compile(four_groups, backend=backend)(*inputs)
@@ -720,8 +724,9 @@ def start_line(found: dict[str, dict]) -> str:
     if set(found) != {"torchfuse", "inductor"}:
         return "A fresh process's first call of `four_groups`: not measured (a process failed)."
     tf, ind = found["torchfuse"], found["inductor"]
-    return (f"The same program's first call in a fresh process (imports not counted): on cold "
-            f"caches torchfuse {_s(tf['cold'])} s, Inductor {_s(ind['cold'])} s; on the caches "
+    return (f"The same program's first call in a fresh process (after its imports, CUDA's start "
+            f"and one eager run): on cold caches torchfuse {_s(tf['cold'])} s, Inductor "
+            f"{_s(ind['cold'])} s; on the caches "
             f"the process before left (a program's second run, best of {WARM_ROUNDS}) "
             f"torchfuse {_s(tf['warm'])} s ({tf['warm_compiles']:.0f} kernels compiled), "
             f"Inductor {_s(ind['warm'])} s.")
