@@ -1,9 +1,13 @@
-"""The CUDA backend: NVRTC compiles CUDA C to machine code for the tensor's GPU; cuda.core loads it
-and launches it on the current torch stream of that GPU.
+"""The CUDA backend: NVRTC compiles CUDA C to machine code for the tensor's GPU; the driver loads
+it, and it launches on the current torch stream of that GPU.
 
 NVIDIA's ``cuda-core`` and ``cuda-bindings`` (``pip install 'torchfuse[cuda]'``) are imported on
 first use, so a machine without them (or without a GPU) imports torchfuse fine, and
-``can_fuse("cuda")`` is False with the reason.
+``can_fuse("cuda")`` is False with the reason. cuda.core (its Program) compiles, and launches
+where the native launcher is not built; loading a binary, making a context current and reading a
+GPU's attributes go through cuda-bindings' driver module, so that a process whose kernels all
+come from the disk cache never imports cuda.core (an H100 host's warm start of bench's
+``four_groups``: 0.56-0.60 -> 0.43-0.46 s).
 
 Each call picks one of the source's entry points (codegen/cuda.py): vector loads (the source
 names its elements per thread) where every pointer is 16-byte aligned and (strided kernels)
@@ -32,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import io
 import os
 import re
@@ -39,6 +44,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -61,7 +67,8 @@ _quick = True  # the quick path of launches (tests turn it off to see every laun
 
 @functools.lru_cache(maxsize=1)
 def _core():
-    """The cuda.core namespace: its top level, or cuda.core.experimental in older releases."""
+    """The cuda.core namespace: its top level, or cuda.core.experimental in older releases.
+    Imported to compile, and to launch from Python."""
     import cuda.core as core
 
     if not hasattr(core, "Program"):
@@ -84,6 +91,16 @@ def _nvrtc() -> tuple[tuple[int, int], tuple[int, ...]]:
 def _check(error, call: str) -> None:
     if int(error) != 0:
         raise RuntimeError(f"{call} failed: {error}")
+
+
+def _cu(name: str, *args):
+    """A driver call through cuda-bindings (which returns the error first): its value, or a
+    tuple of its values; RuntimeError on an error."""
+    from cuda.bindings import driver
+
+    error, *values = getattr(driver, name)(*args)
+    _check(error, name)
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 @functools.cache
@@ -112,33 +129,39 @@ def _dependent_launch(index: int) -> bool:
 
 
 @functools.cache
-def _options(arch: str) -> tuple[object, str]:
-    """NVRTC's options for ``arch``, and their text for cache keys.
+def _options(arch: str) -> object:
+    """NVRTC's options for ``arch`` (cuda.core's ProgramOptions; their text in cache keys is
+    OPTIONS).
 
     ``-fmad=false``: eager rounds every op's result, so a product feeding an add is rounded
     first; NVRTC's default would fuse the two into one multiply-add, rounding once (libdevice's
     own fused multiply-adds are explicit and stay). ``-minimal`` (NVRTC 12.4+) leaves out the
     runtime API's declarations, which no generated kernel uses; it saves about a tenth of a
-    compile (measured: 51.6 -> 46.7 ms on an H100 host).
+    compile (measured: 51.6 -> 46.7 ms on an H100 host), and changes no code, so keys do not
+    name it.
     """
     core = _core()
     if _nvrtc()[0] >= (12, 4):
         try:
-            options = core.ProgramOptions(arch=arch, fma=False, minimal=True)
-            return options, f"-arch={arch} -fmad=false -minimal"
+            return core.ProgramOptions(arch=arch, fma=False, minimal=True)
         except TypeError:  # a cuda.core that does not know the option
             pass
-    return core.ProgramOptions(arch=arch, fma=False), f"-arch={arch} -fmad=false"
+    return core.ProgramOptions(arch=arch, fma=False)
+
+
+OPTIONS = "-fmad=false"  # what _options gives NVRTC besides the architecture, for cache keys
 
 
 @functools.lru_cache(maxsize=1)
 def _unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU: torch.cuda.is_available() is False"
-    try:
-        _core()
-    except ImportError as error:
-        return f"cuda-core is not installed (pip install 'torchfuse[cuda]'): {error}"
+    try:  # found, not imported: a warm start never imports it (the module's docstring)
+        found = importlib.util.find_spec("cuda.core") is not None
+    except ImportError:  # no "cuda" package at all
+        found = False
+    if not found:
+        return "cuda-core is not installed (pip install 'torchfuse[cuda]')"
     try:
         _nvrtc()
     except Exception as error:  # the library is missing or cannot load
@@ -175,7 +198,7 @@ def _enter(index: int) -> None:
     if ready is None:
         ready = _threads.ready = set()
     if index not in ready:
-        _core().Device(index).set_current()
+        _cu("cuCtxSetCurrent", _cu("cuDevicePrimaryCtxRetain", _cu("cuDeviceGet", index)))
         ready.add(index)
 
 
@@ -229,10 +252,14 @@ def _memory_scale(device_key: str) -> int:
     each multiprocessor more than FAST_MEMORY bytes a second (an H200), whose threads then need
     twice the bytes in flight to keep it busy; else 1."""
     try:
-        properties = _core().Device(int(device_key.rpartition(":")[2])).properties
-        bandwidth = properties.memory_clock_rate * 1e3 * 2 * properties.global_memory_bus_width / 8
-        per_multiprocessor = bandwidth / properties.multiprocessor_count
-    except Exception as error:  # a driver or cuda.core that does not tell: the H100's widths
+        from cuda.bindings.driver import CUdevice_attribute as attribute
+
+        device = _cu("cuDeviceGet", int(device_key.rpartition(":")[2]))
+        clock, bus, multiprocessors = (
+            _cu("cuDeviceGetAttribute", getattr(attribute, f"CU_DEVICE_ATTRIBUTE_{name}"), device)
+            for name in ("MEMORY_CLOCK_RATE", "GLOBAL_MEMORY_BUS_WIDTH", "MULTIPROCESSOR_COUNT"))
+        per_multiprocessor = clock * 1e3 * 2 * bus / 8 / multiprocessors
+    except Exception as error:  # a driver that does not tell: the H100's widths
         log(2, f"no peak memory bandwidth for {device_key}: {error}")
         return 1
     log(2, f"{device_key}: {per_multiprocessor / 1e9:.1f} GB/s of memory per multiprocessor")
@@ -252,7 +279,7 @@ class CUDABackend:
         (major, minor), _ = _nvrtc()
         arch, kind = _arch(_index(device))
         assembled = " | scalar32 from PTX" if config.ptx else ""
-        return (f"NVRTC {major}.{minor} | {_options(arch)[1]} ({kind}) | cuda.core {_version()}"
+        return (f"NVRTC {major}.{minor} | -arch={arch} {OPTIONS} ({kind}) | cuda.core {_version()}"
                 f"{assembled}")
 
     def device_key(self, device: torch.device) -> str:
@@ -292,7 +319,7 @@ class CUDABackend:
         source = f"#define TF_ENTRY_{entry}\n{source}"
         logs = io.StringIO()
         try:
-            program = core.Program(source, "c++", _options(arch)[0])
+            program = core.Program(source, "c++", _options(arch))
             code = program.compile(kind, logs=logs)
         except Exception as error:
             report = _failure_report(source, arch, f"{error}\n{logs.getvalue()}")
@@ -459,25 +486,24 @@ class _Launcher:
 
     def __init__(self, backend: CUDABackend, source: str, binary: bytes, device: torch.device,
                  index: int) -> None:
-        core = _core()
         self.backend, self.source, self.device, self.index = backend, source, device, index
         self.entries = entry_points(source)
         self.flat = self.entries == ["scalar32", "vector32"]
         self.checked = "tf_checked_" in source
-        self.enqueue, self.config_of = core.launch, core.LaunchConfig
         self.native, self.cu_launch = launcher.get(), _driver("cuLaunchKernelEx")
         self.pdl = (_dependent_launch(index)  # the vector entry's launches
                     and "vector32" in _header(source, "waits for the kernel before"))
-        self.kernels: dict[str, tuple[object, int | None]] = {}  # entry -> (kernel, handle)
-        self.codes: list[object] = []  # keeps every loaded module alive
+        self.kernels: dict[str, tuple[bytes, int]] = {}  # entry -> (binary, CUkernel handle)
+        self.libraries: list[object] = []  # the loaded binaries, unloaded with the launcher
+        weakref.finalize(self, _unload, self.libraries).atexit = False
+        self.python_kernels: dict[str, object] = {}  # entry -> cuda.core kernel (_launch)
         self.lock = threading.Lock()
         self.vector = 0
         self._add(self.entries[0], binary)
         self.scalar = self.kernels["scalar32"][1]
         # Kernels that cannot fail, launched natively: __call__'s quick path.
         self.quick = (not self.checked and self.native is not None
-                      and self.cu_launch is not None and self.scalar is not None
-                      and _raw_stream is not None)
+                      and self.cu_launch is not None and _raw_stream is not None)
         self.itemsizes = [int(n) for n in _header(source, "operand bytes")]
         self.width = int(_header(source, "vector elements")[0])  # per thread, vector entry
         self.configs: dict[int, object] = {}
@@ -505,16 +531,29 @@ class _Launcher:
             self._warn(f"torchfuse: a CUDA vector kernel failed to build: {error}")
 
     def _add(self, entry: str, binary: bytes) -> None:
-        core = _core()
-        code = (core.ObjectCode.from_cubin(binary) if binary.startswith(ELF)
-                else core.ObjectCode.from_ptx(binary))
-        kernel = code.get_kernel(("tf_checked_" if self.checked else "tf_") + entry)
-        self.codes.append(code)
-        self.kernels[entry] = (kernel, _handle(kernel))
+        """Load an entry point's binary (a cubin, or PTX the driver compiles) as a library."""
+        code = binary if binary.startswith(ELF) else binary + b"\0"  # PTX ends with a NUL
+        library = _cu("cuLibraryLoadData", code, None, None, 0, None, None, 0)
+        self.libraries.append(library)
+        kernel = _cu("cuLibraryGetKernel", library, self._name(entry).encode())
+        self.kernels[entry] = (binary, int(kernel))
         if entry == "vector32":  # the quick path's, 0 until then
-            self.vector = self.kernels[entry][1] or 0
+            self.vector = self.kernels[entry][1]
 
-    def _kernel(self, entry: str, background: bool = False) -> tuple[object, int | None]:
+    def _name(self, entry: str) -> str:
+        return ("tf_checked_" if self.checked else "tf_") + entry
+
+    def _python_kernel(self, entry: str) -> object:
+        """The entry point as cuda.core's kernel, for its launch (the Python path's)."""
+        kernel = self.python_kernels.get(entry)
+        if kernel is None:
+            core, binary = _core(), self.kernels[entry][0]
+            code = (core.ObjectCode.from_cubin(binary) if binary.startswith(ELF)
+                    else core.ObjectCode.from_ptx(binary))
+            kernel = self.python_kernels[entry] = code.get_kernel(self._name(entry))
+        return kernel
+
+    def _kernel(self, entry: str, background: bool = False) -> tuple[bytes, int]:
         found = self.kernels.get(entry)
         if found is None:
             with self.lock:
@@ -632,27 +671,28 @@ class _Launcher:
 
     def _launch(self, entry: str, numel: int, work: int, sizes, strides, pointers, flag) -> bool:
         """Queue one launch on torch's current stream; False (and a warning once) if it fails."""
-        kernel, handle = self._kernel(entry)
+        handle = self._kernel(entry)[1]
         blocks = min(-(-work // BLOCK), GRID_MAX)
         if flag is not None:
             pointers = [*pointers, flag.data_ptr()]
         try:
-            if self.native is not None and self.cu_launch is not None and handle is not None:
+            if self.native is not None and self.cu_launch is not None:
                 stream = _raw_stream(self.index) if _raw_stream else int(_stream(self.index).handle)
                 # the caller checked the pointers for a vector entry: cuda_pick launches it
                 vector = handle if entry == "vector32" else 0
-                scalar = (self.scalar or 0) if vector else handle
+                scalar = self.scalar if vector else handle
                 result = self.native.cuda_pick(self.cu_launch, self.pdl, scalar, vector,
                                                self.width, BLOCK, stream, numel, sizes,
                                                dividers(tuple(sizes)), strides, pointers)
                 if result:
                     raise RuntimeError(f"cuLaunchKernelEx returned CUresult {result}")
             else:
+                core = _core()
                 config = self.configs.get(blocks)
                 if config is None:
-                    config = self.configs[blocks] = self.config_of(grid=blocks, block=BLOCK)
+                    config = self.configs[blocks] = core.LaunchConfig(grid=blocks, block=BLOCK)
                 args = [numel, *sizes, *dividers(tuple(sizes)), *strides, *pointers]
-                self.enqueue(_stream(self.index), config, kernel, *args)
+                core.launch(_stream(self.index), config, self._python_kernel(entry), *args)
         except Exception as error:  # the fallback still gives eager's result
             self._warn(f"torchfuse: a CUDA kernel launch failed, the fallback runs: {error}")
             return False
@@ -675,29 +715,25 @@ def _driver(name: str) -> int | None:
         return None
 
 
-def _load_now(handle: int | None) -> None:
+def _load_now(handle: int) -> None:
     """Load a kernel into the current context now. CUDA loads a kernel lazily, at its first
     launch, and loading may wait for work queued on the device: on the background thread that
     costs nothing, in a caller's launch it would stall the caller (once)."""
-    if handle is None:
-        return
     try:
         from cuda.bindings import driver
 
-        driver.cuKernelGetFunction(driver.CUkernel(handle))
+        _cu("cuKernelGetFunction", driver.CUkernel(handle))
     except Exception as error:  # the first launch loads it instead
         log(2, f"could not load a kernel ahead of its first launch: {error}")
 
 
-def _handle(kernel) -> int | None:
-    """The driver handle (CUkernel, which cuLaunchKernel(Ex) takes since CUDA 12) of a cuda.core
-    kernel; None where this cuda.core does not tell it."""
-    for name in ("handle", "_handle"):
+def _unload(libraries: list) -> None:
+    """Unload a dropped launcher's binaries (what cuda.core's modules did when collected)."""
+    for library in libraries:
         try:
-            return int(getattr(kernel, name))
-        except (AttributeError, TypeError, ValueError):
-            continue
-    return None
+            _cu("cuLibraryUnload", library)
+        except Exception as error:  # a driver shutting down: nothing left to free
+            log(2, f"could not unload a kernel's library: {error}")
 
 
 def _failure_report(source: str, arch: str, error: str) -> str:
