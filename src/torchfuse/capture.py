@@ -3,39 +3,46 @@
 Dynamo captures the program; AOTAutograd turns it into ATen graphs (forward, and backward when
 inputs require grad), decomposing composite backward ops into pointwise ones; the fusion pass
 then rewrites each graph so that its groups run through ``run_fusion``.
+
+Dynamo and AOTAutograd are imported when torch.compile first calls the backend, not with
+torchfuse: ``import torchfuse`` for the fuser's own interface (``register_fusion`` /
+``run_fusion``) does not pay for them (0.7-0.9 s of a 2-vCPU VM's 1.9).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch._decomp import get_decompositions
-from torch._dynamo.backends.common import aot_autograd
-from torch._functorch.aot_autograd import make_boxed_func
 
 from . import fusion
 from .config import config, log
 
 aten = torch.ops.aten
 
-# Backward ops whose decompositions are pointwise: fused instead of run as one eager kernel each.
-# (Forward activations like gelu and silu are in the op table themselves.)
-DECOMPOSITIONS = get_decompositions([
-    aten.gelu_backward,
-    aten.silu_backward,
-    aten.mish_backward,
-    aten.hardswish_backward,
-    aten.hardsigmoid_backward,
-    aten.hardtanh_backward,
-    aten.softplus_backward,
-    aten.elu_backward,
-    aten.leaky_relu_backward,
-    aten.logit_backward,
-])
+
+@functools.cache
+def decompositions() -> dict:
+    """Backward ops whose decompositions are pointwise: fused instead of run as one eager kernel
+    each. (Forward activations like gelu and silu are in the op table themselves.)"""
+    from torch._decomp import get_decompositions
+
+    return get_decompositions([
+        aten.gelu_backward,
+        aten.silu_backward,
+        aten.mish_backward,
+        aten.hardswish_backward,
+        aten.hardsigmoid_backward,
+        aten.hardtanh_backward,
+        aten.softplus_backward,
+        aten.elu_backward,
+        aten.leaky_relu_backward,
+        aten.logit_backward,
+    ])
 
 # Not thread-local: autograd compiles a CUDA backward graph on its own thread.
 _collectors: list[list] = []
@@ -57,6 +64,8 @@ def collect() -> Iterator[list[fusion.FusionResult]]:
 
 def compile_graph(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
     """AOTAutograd's compiler for forward and backward graphs: the fused graph, boxed."""
+    from torch._functorch.aot_autograd import make_boxed_func
+
     return make_boxed_func(_fused_forward(gm))
 
 
@@ -93,6 +102,9 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable
     call: 2–3 µs a call, a sixth of a small graph's time. An inference graph that needs none of
     it (``_unwrappable``) is handed to Dynamo as it is.
     """
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
     plain: list[Callable] = []
     # Under autocast the wrapper turns it off around the call (the graph is already cast); the
     # compilers themselves run with it off, so it is read here.
@@ -109,7 +121,7 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable
         fw_compiler=compile_graph,
         bw_compiler=compile_graph,
         inference_compiler=inference,
-        decompositions=DECOMPOSITIONS,
+        decompositions=decompositions(),
     )(gm, example_inputs)
     return plain[0] if plain else compiled
 
@@ -153,10 +165,10 @@ def _register() -> None:
     """
     from importlib.metadata import entry_points
 
-    from torch._dynamo.backends import registry
-
     if "torchfuse" in entry_points(group="torch_dynamo_backends").names:
         return
+    from torch._dynamo.backends import registry
+
     if "torchfuse" not in registry._COMPILER_FNS:
         registry.register_backend(compiler_fn=backend, name="torchfuse")
 
