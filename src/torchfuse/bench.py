@@ -678,9 +678,9 @@ def process_start(device: torch.device, root: str,
     """The first call of ``four_groups`` in a fresh process, per compiler: on empty caches
     ("cold"), then in later processes that find the on-disk caches the one before left
     ("warm": a program's second run; best of WARM_ROUNDS). Each process's imports (Dynamo's
-    too), CUDA's start and an eager run of the program are not counted (``first_call``); from
-    torch.compile to the result everything is. The warm processes also say how many kernels
-    torchfuse compiled in them (none: its disk cache has them)."""
+    and AOTAutograd's too), CUDA's start and an eager run of the program are not counted
+    (``first_call``); from torch.compile to the result everything is. The warm processes also
+    say how many kernels torchfuse compiled in them (none: its disk cache has them)."""
     found: dict[str, dict] = {}
     for backend in backends:
         caches = tempfile.mkdtemp(prefix=f"start-{backend}-", dir=root)
@@ -708,7 +708,8 @@ def first_call(backend: str, device: torch.device) -> dict[str, float]:
     its first result, and the kernels torchfuse compiled meanwhile. The program runs eagerly
     first: what any process pays at its first matrix product (cuBLAS's start, CUDA's loading
     of eager's kernels), whichever compiler it uses, is not the compiler's."""
-    import torch._dynamo  # noqa: F401  (imported by torch.compile's first call, for both)
+    import torch._dynamo  # noqa: F401  (what torch.compile's first call imports for both)
+    import torch._functorch.aot_autograd  # noqa: F401
 
     inputs = _four_groups_inputs(device)
     four_groups(*inputs)
