@@ -63,6 +63,7 @@ def test_a_second_process_finds_the_kernels_on_disk(tmp_path, monkeypatch):
     found = bench.process_start(torch.device("cpu"), str(tmp_path), backends=("torchfuse",))
     assert found["torchfuse"]["cold"] > 0 and found["torchfuse"]["warm"] > 0
     assert found["torchfuse"]["warm_compiles"] == 0
+    assert bench.process_start(torch.device("cpu"), str(tmp_path), backends=("no_such",)) == {}
     assert "not measured" in bench.start_line(found)  # Inductor's processes did not run
     both = {**found, "inductor": {"cold": 9.0, "warm": 2.0, "warm_compiles": 0}}
     assert "torchfuse" in bench.start_line(both) and "Inductor 2.000 s." in bench.start_line(both)

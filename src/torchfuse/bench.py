@@ -671,6 +671,7 @@ def _four_groups_inputs(device: torch.device) -> list[torch.Tensor]:
 
 
 WARM_ROUNDS = 2
+START_TIMEOUT = 600  # seconds a fresh process may take (Inductor's cold one: 3-10 s here)
 
 
 def process_start(device: torch.device, root: str,
@@ -691,9 +692,12 @@ def process_start(device: torch.device, root: str,
                    "--first-call", backend]
         runs = []
         for _ in range(1 + WARM_ROUNDS):
-            done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-            if done.returncode:
-                _progress(f"    a fresh process's first call failed: {done.stderr[-500:]}")
+            try:
+                done = subprocess.run(command, env=env, capture_output=True, text=True,
+                                      check=True, timeout=START_TIMEOUT)
+            except subprocess.SubprocessError as error:
+                _progress(f"    a fresh process's first call failed: {error}\n"
+                          f"{getattr(error, 'stderr', '') or ''}"[-1000:])
                 break
             runs.append(json.loads(done.stdout.splitlines()[-1]))
         if len(runs) == 1 + WARM_ROUNDS:
@@ -727,8 +731,8 @@ def start_line(found: dict[str, dict]) -> str:
     if set(found) != {"torchfuse", "inductor"}:
         return "A fresh process's first call of `four_groups`: not measured (a process failed)."
     tf, ind = found["torchfuse"], found["inductor"]
-    return (f"The same program's first call in a fresh process (after its imports, CUDA's start "
-            f"and one eager run): on cold caches torchfuse {_s(tf['cold'])} s, Inductor "
+    return (f"The same program's first call in a fresh process (after its imports and one eager "
+            f"run): on cold caches torchfuse {_s(tf['cold'])} s, Inductor "
             f"{_s(ind['cold'])} s; on the caches "
             f"the process before left (a program's second run, best of {WARM_ROUNDS}) "
             f"torchfuse {_s(tf['warm'])} s ({tf['warm_compiles']:.0f} kernels compiled), "
