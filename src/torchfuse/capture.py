@@ -4,9 +4,10 @@ Dynamo captures the program; AOTAutograd turns it into ATen graphs (forward, and
 inputs require grad), decomposing composite backward ops into pointwise ones; the fusion pass
 then rewrites each graph so that its groups run through ``run_fusion``.
 
-Dynamo and AOTAutograd are imported when torch.compile first calls the backend, not with
-torchfuse: ``import torchfuse`` for the fuser's own interface (``register_fusion`` /
-``run_fusion``) does not pay for them (0.7-0.9 s of a 2-vCPU VM's 1.9).
+Dynamo and AOTAutograd are imported when torch.compile first calls the backend, not with an
+installed torchfuse: ``import torchfuse`` for the fuser's own interface (``register_fusion`` /
+``run_fusion``) does not pay for them (0.7-0.9 s of a 2-vCPU VM's 1.9). A checkout on the path,
+without the entry point, registers the backend on import (``_register``), which imports Dynamo.
 """
 
 from __future__ import annotations
