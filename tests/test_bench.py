@@ -67,3 +67,15 @@ def test_a_second_process_finds_the_kernels_on_disk(tmp_path, monkeypatch):
     assert "not measured" in bench.start_line(found)  # Inductor's processes did not run
     both = {**found, "inductor": {"cold": 9.0, "warm": 2.0, "warm_compiles": 0}}
     assert "torchfuse" in bench.start_line(both) and "Inductor 2.000 s." in bench.start_line(both)
+
+
+def test_a_small_rows_second_pass_keeps_each_columns_best_and_every_check():
+    row = {"eager_s": 2e-5, "inductor_s": 4e-5, "torchfuse_s": 1e-5, "run_fusion_s": 9e-6,
+           "torchfuse_compile_s": 0.1, "torchfuse_ok": True, "run_fusion_ok": True}
+    again = {"eager_s": 3e-5, "inductor_s": 3e-5, "torchfuse_s": 2e-5, "run_fusion_s": 7e-6,
+             "torchfuse_compile_s": 0.05, "torchfuse_ok": True, "run_fusion_ok": False}
+    bench.merge_pass(row, again)
+    assert (row["eager_s"], row["inductor_s"], row["torchfuse_s"], row["run_fusion_s"]) == (
+        2e-5, 3e-5, 1e-5, 7e-6)
+    assert row["torchfuse_compile_s"] == 0.1  # compile columns are the first pass's
+    assert row["torchfuse_ok"] and not row["run_fusion_ok"] and row["passes"] == 2
