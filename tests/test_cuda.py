@@ -784,6 +784,37 @@ def test_sigmoid_of_halves_is_eagers_bit_for_bit(device, dtype, launches):
         assert {"scalar32", "vector32"} <= set(launches)
 
 
+DIVISORS = [3, 7.0, 0.1, -1e-3, 1e-45, 1e39, 0.0, -0.0, float("inf"), float("nan")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                                   torch.int32])
+def test_division_by_a_number_is_eagers_bit_for_bit(device, dtype):
+    """CUDA eager divides by a Python number as the product with its reciprocal in the compute
+    type, the CPU divides: each device's fused kernel gives its eager's bits, specials too (a
+    divisor of 0, ±inf, NaN, one whose float reciprocal overflows or underflows)."""
+    x = make_input((4099,), dtype, device)
+    for divisor in DIVISORS:
+        fn = lambda a, d=divisor: a / d + 1  # noqa: E731
+        got, want = _fused(fn, x)(x)[0], fn(x)
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan), divisor
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[want.dtype.itemsize]
+        assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), divisor
+
+
+def test_cuda_divides_by_a_number_as_a_product_with_its_reciprocal():
+    """The reciprocal in the compute type, as eager's CUDA kernel takes it; a tensor divisor
+    and rounding modes keep the division."""
+    x = torch.randn(64)
+    assert "v0 * 0.3333333432674408f" in _source(lambda a: a / 3, x)
+    assert "v0 * 0.3333333333333333;" in _source(lambda a: a / 3, x.double())
+    assert "tf_round_f16((float)(v0 * 10.0f))" in _source(lambda a: a / 0.1, x.half())
+    assert "v0 / v1" in _source(lambda a, b: a / b, x, torch.randn(64))
+    assert "tf_div_floorf(v0, 7.0f)" in _source(lambda a: torch.div(a, 7.0, rounding_mode="floor"),
+                                               x)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_rounding_is_eagers_bit_for_bit(device, dtype):
     """Every float32 class (random bit patterns: subnormals, ties, NaN, ±Inf, overflow) rounds

@@ -152,6 +152,18 @@ def _div(cls: str) -> Render:
     return render
 
 
+def _div_cuda(ctx: Ctx, a: Operand, b: Operand) -> str:
+    """CUDA eager divides by a Python number as the product with its reciprocal, taken once in
+    the compute type (ATen's div_true_kernel_cuda, for a CPU scalar divisor: "may lose one bit
+    of precision compared to computing the division"): eager's values, and a multiply where the
+    division was (div.rn: a test and a branch to a slow path besides the reciprocal)."""
+    if ctx.attrs.get("rounding_mode") is not None or b.const is None or isinstance(b.const, bool):
+        return _div("f")(ctx, a, b)
+    precision = torch.float64 if ctx.T == "double" else torch.float32  # eager's opmath type
+    one, divisor = (torch.tensor(v, dtype=precision) for v in (1.0, float(b.const)))
+    return f"{a} * {ctx.literal((one / divisor).item())}"
+
+
 _POW_SPECIAL = {
     2.0: "{a} * {a}",
     3.0: "{a} * {a} * {a}",
@@ -340,7 +352,7 @@ OPS: tuple[OpDef, ...] = (
     OpDef("sub", ("sub",), **_axpy("-")),
     OpDef("rsub", ("rsub",), **_axpy("-", swap=True)),
     OpDef("mul", ("mul",), f="{a} * {b}", i=_WRAP_MUL, b="{a} && {b}", pair="tf_{t}mul2({a}, {b})"),
-    OpDef("div", ("div",), f=_div("f"), i=_div("i"), check=_check_div),
+    OpDef("div", ("div",), f=_div("f"), i=_div("i"), check=_check_div, cuda={"f": _div_cuda}),
     OpDef("floor_divide", ("floor_divide",), f="tf_div_floor{f}({a}, {b})",
           i="tf_div_floor_{t}({a}, {b}, &err)"),
     OpDef("remainder", ("remainder",), f="tf_remainder{f}({a}, {b})",
