@@ -604,8 +604,11 @@ def compile_table(rows: list[dict]) -> str:
     return _table(header, body)
 
 
+CHECKS = ("inductor_ok", "torchfuse_ok", "run_fusion_ok")  # each path's result against eager's
+
+
 def _ok(row: dict) -> str:
-    checks = [row.get(k) for k in ("inductor_ok", "torchfuse_ok", "run_fusion_ok")]
+    checks = [row.get(k) for k in CHECKS]
     return "yes" if all(c is not False for c in checks) else "NO"
 
 
@@ -782,7 +785,7 @@ def merge_pass(row: dict, again: dict) -> None:
     for column in TIMED:
         if column in row and column in again:
             row[column] = min(row[column], again[column])
-    for check in ("inductor_ok", "torchfuse_ok", "run_fusion_ok"):
+    for check in CHECKS:
         if check in again:
             row[check] = row.get(check, True) and again[check]
     row["passes"] = 2
