@@ -737,9 +737,22 @@ def _every_half(dtype, device, n=1 << 16):
 
 
 def _assert_bits(got, want):
+    """The same bits, NaN for NaN (whatever its payload)."""
     nan = want.isnan()
     assert torch.equal(got.isnan(), nan)
-    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[want.dtype.itemsize]
+    assert torch.equal(got[~nan].view(bits), want[~nan].view(bits))
+
+
+def _bit_patterns(dtype, device):
+    """Every 16-bit pattern; for wider types random ones (subnormals, NaN, ±Inf among them)."""
+    if dtype.itemsize == 2:
+        return _every_half(dtype, device)
+    bits = {4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    info = torch.iinfo(bits)
+    gen = torch.Generator().manual_seed(0)
+    patterns = torch.randint(info.min, info.max, (1 << 18,), generator=gen, dtype=bits)
+    return patterns.view(dtype).to(device)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -796,11 +809,7 @@ def test_division_by_a_number_is_eagers_bit_for_bit(device, dtype):
     x = make_input((4099,), dtype, device)
     for divisor in DIVISORS:
         fn = lambda a, d=divisor: a / d + 1  # noqa: E731
-        got, want = _fused(fn, x)(x)[0], fn(x)
-        nan = want.isnan()
-        assert torch.equal(got.isnan(), nan), divisor
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[want.dtype.itemsize]
-        assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), divisor
+        _assert_bits(_fused(fn, x)(x)[0], fn(x))
 
 
 def test_cuda_divides_by_a_number_as_a_product_with_its_reciprocal():
@@ -815,6 +824,18 @@ def test_cuda_divides_by_a_number_as_a_product_with_its_reciprocal():
                                                x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_rsqrt_is_eagers_bit_for_bit(device, dtype):
+    """rsqrt is 1 / sqrt correctly rounded on the CPU and CUDA's rsqrt on the GPU, as each
+    device's eager computes it: the same bits for every 16-bit input and random wider ones,
+    from the first call's entry point and from the vector entry built after it."""
+    x = _bit_patterns(dtype, device)
+    run = _fused(torch.rsqrt, x)
+    want = torch.rsqrt(x)
+    for _ in range(2):
+        _assert_bits(run(x)[0], want)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_rounding_is_eagers_bit_for_bit(device, dtype):
     """Every float32 class (random bit patterns: subnormals, ties, NaN, ±Inf, overflow) rounds
@@ -826,9 +847,5 @@ def test_reduced_precision_rounding_is_eagers_bit_for_bit(device, dtype):
     one = torch.ones((), device=device)
     stored = lambda a, b: (a * b).to(dtype)  # noqa: E731
     in_flight = lambda a, b: (a * b).to(dtype).float()  # noqa: E731
-    for fn, bits_of in ((stored, torch.int16), (in_flight, torch.int32)):
-        got = _fused(fn, x, one)(x, one)[0]
-        want = fn(x, one)
-        nan = want.isnan()
-        assert torch.equal(got.isnan(), nan)
-        assert torch.equal(got[~nan].view(bits_of), want[~nan].view(bits_of))
+    for fn in (stored, in_flight):
+        _assert_bits(_fused(fn, x, one)(x, one)[0], fn(x, one))

@@ -308,7 +308,8 @@ OPS: tuple[OpDef, ...] = (
     *(_fn(n) for n in ("acos", "asin", "atan", "acosh", "asinh", "atanh", "cos", "cosh", "exp",
                        "expm1", "erf", "erfc", "lgamma", "log", "log10", "log1p", "log2", "sin",
                        "sinh", "sqrt", "tan", "tanh", "exp2")),
-    _fn("rsqrt", "1 / sqrt{f}({a})"),
+    # CUDA eager calls CUDA's rsqrt (rsqrt.approx for float: not 1 / sqrt's correct rounding)
+    _fn("rsqrt", "1 / sqrt{f}({a})", cuda={"f": "rsqrt{f}({a})"}),
     _fn("reciprocal", "1 / {a}"),
     _fn("sigmoid", _SIGMOID, cuda={"f": _sigmoid_cuda}),
     _fn("frac", "{a} - trunc{f}({a})"),

@@ -230,7 +230,7 @@ LOAD_TYPES = {32: "tf_uint4x2", 16: "uint4", 8: "uint2", 4: "uint32_t", 2: "uint
 MATH_COST = {"exp": 10, "exp2": 4, "expm1": 24, "log": 28, "log1p": 33, "log2": 30, "log10": 29,
              "sin": 30, "cos": 30, "tan": 40, "tanh": 17, "sinh": 25, "cosh": 16, "asin": 25,
              "acos": 26, "atan": 19, "asinh": 46, "acosh": 47, "atanh": 42, "erf": 29, "erfc": 48,
-             "lgamma": 100, "sqrt": 13, "pow": 98, "atan2": 54, "hypot": 31, "fmod": 77,
+             "lgamma": 100, "sqrt": 13, "rsqrt": 4, "pow": 98, "atan2": 54, "hypot": 31, "fmod": 77,
              "tf_sigmoid_f16": 15, "tf_sigmoid_bf16": 17}
 DIVIDE_COST = 16
 HEAVY = 6  # instructions an element per byte it moves from which a thread moves 16 bytes

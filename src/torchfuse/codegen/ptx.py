@@ -95,8 +95,8 @@ def common(a: CType, b: CType) -> CType:
 # ---- the library: math functions and helpers, compiled once by NVRTC --------------------------
 
 _MATH1 = ("acos", "asin", "atan", "acosh", "asinh", "atanh", "cos", "cosh", "exp", "expm1",
-          "erf", "erfc", "lgamma", "log", "log10", "log1p", "log2", "sin", "sinh", "sqrt", "tan",
-          "tanh", "exp2", "ceil", "floor", "trunc", "rint", "fabs")
+          "erf", "erfc", "lgamma", "log", "log10", "log1p", "log2", "sin", "sinh", "sqrt", "rsqrt",
+          "tan", "tanh", "exp2", "ceil", "floor", "trunc", "rint", "fabs")
 _MATH2 = ("atan2", "hypot", "copysign", "pow", "fmod", "fmax", "fmin", "tf_max", "tf_min",
           "tf_remainder", "tf_div_floor", "tf_logaddexp")
 _FLOAT1 = ("tf_sigmoid_f16", "tf_sigmoid_bf16")  # float of float: the device preamble's
