@@ -102,9 +102,17 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable
     outputs that alias inputs or each other, and switches grad mode and autocast off around the
     call: 2–3 µs a call, a sixth of a small graph's time. An inference graph that needs none of
     it (``_unwrappable``) is handed to Dynamo as it is.
+
+    AOTAutograd is called directly, as Dynamo's ``aot_autograd`` helper does, without that
+    helper's logging context, whose import loads half of Inductor (50 ms of a 2-vCPU VM's
+    0.2 s warm start).
     """
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._dynamo import disable
+    from torch._dynamo.utils import flatten_graph_inputs
+    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+
+    if any(isinstance(x, (list, tuple, dict)) for x in example_inputs):
+        return flatten_graph_inputs(gm, example_inputs, backend)  # e.g. compiled autograd's
 
     plain: list[Callable] = []
     # Under autocast the wrapper turns it off around the call (the graph is already cast); the
@@ -118,16 +126,22 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable
             plain.append(forward)
         return make_boxed_func(forward)
 
-    compiled = aot_autograd(
-        fw_compiler=compile_graph,
-        bw_compiler=compile_graph,
-        inference_compiler=inference,
-        decompositions=decompositions(),
-    )(gm, example_inputs)
-    return plain[0] if plain else compiled
+    compiled = aot_module_simplified(gm, example_inputs, fw_compiler=compile_graph,
+                                     bw_compiler=_backward_compiler,
+                                     inference_compiler=inference,
+                                     decompositions=decompositions())
+    return plain[0] if plain else disable(compiled)
 
 
 backend.__name__ = "torchfuse"
+
+
+def _backward_compiler(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
+    """compile_graph for the backward graph, which autograd compiles at the first backward
+    pass: neither the compiling nor the compiled function is for Dynamo to trace."""
+    from torch._dynamo import disable
+
+    return disable(disable(compile_graph)(gm, example_inputs))
 
 
 # What Dynamo may pass that the graph takes as it is: no tensor subclasses, no containers.
