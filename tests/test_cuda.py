@@ -736,12 +736,13 @@ def _every_half(dtype, device, n=1 << 16):
     return bits.to(torch.int16).view(dtype).to(device)
 
 
-def _assert_bits(got, want):
+def _assert_bits(got, want, what=""):
     """The same bits, NaN for NaN (whatever its payload)."""
     nan = want.isnan()
-    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got.isnan(), nan), what
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[want.dtype.itemsize]
-    assert torch.equal(got[~nan].view(bits), want[~nan].view(bits))
+    differ = got[~nan].view(bits) != want[~nan].view(bits)
+    assert not differ.any(), f"{what}: {int(differ.sum())} of {want.numel()} differ"
 
 
 def _bit_patterns(dtype, device):
@@ -809,15 +810,17 @@ def test_division_by_a_number_is_eagers_bit_for_bit(device, dtype):
     x = make_input((4099,), dtype, device)
     for divisor in DIVISORS:
         fn = lambda a, d=divisor: a / d + 1  # noqa: E731
-        _assert_bits(_fused(fn, x)(x)[0], fn(x))
+        _assert_bits(_fused(fn, x)(x)[0], fn(x), f"x / {divisor}")
 
 
 def test_cuda_divides_by_a_number_as_a_product_with_its_reciprocal():
-    """The reciprocal in the compute type, as eager's CUDA kernel takes it; a tensor divisor
-    and rounding modes keep the division."""
+    """The double's reciprocal rounded to the compute type, as eager's CUDA kernel takes it; a
+    tensor divisor and rounding modes keep the division."""
     x = torch.randn(64)
     assert "v0 * 0.3333333432674408f" in _source(lambda a: a / 3, x)
     assert "v0 * 0.3333333333333333;" in _source(lambda a: a / 3, x.double())
+    assert "v0 * (-1000.0f)" in _source(lambda a: a / -1e-3, x)  # 1 / -0.001f is -999.99994
+    assert "v0 * 1.0000002153053333e-39f" in _source(lambda a: a / 1e39, x)  # float(1e39): inf
     assert "tf_round_f16((float)(v0 * 10.0f))" in _source(lambda a: a / 0.1, x.half())
     assert "v0 / v1" in _source(lambda a, b: a / b, x, torch.randn(64))
     assert "tf_div_floorf(v0, 7.0f)" in _source(lambda a: torch.div(a, 7.0, rounding_mode="floor"),
@@ -830,10 +833,12 @@ def test_rsqrt_is_eagers_bit_for_bit(device, dtype):
     device's eager computes it: the same bits for every 16-bit input and random wider ones,
     from the first call's entry point and from the vector entry built after it."""
     x = _bit_patterns(dtype, device)
-    run = _fused(torch.rsqrt, x)
-    want = torch.rsqrt(x)
-    for _ in range(2):
-        _assert_bits(run(x)[0], want)
+    # CUDA's pow(x, -0.5) is its rsqrt (the CPU's float16 pow is not 1 / sqrt)
+    fns = (torch.rsqrt, lambda a: a**-0.5) if device.startswith("cuda") else (torch.rsqrt,)
+    for fn in fns:
+        run, want = _fused(fn, x), fn(x)
+        for call in ("first", "vector"):
+            _assert_bits(run(x)[0], want, f"{call} call")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

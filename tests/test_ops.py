@@ -84,6 +84,8 @@ CASES.update({
     "pow_3": (lambda x: x**3, 1, ALL),
     "pow_half": (lambda x: x**0.5, 1, MATH),
     "pow_minus1": (lambda x: x**-1.0, 1, MATH),
+    "pow_minus_half": (lambda x: x**-0.5, 1, MATH),
+    "pow_minus2": (lambda x: x**-2, 1, MATH),
     "pow_2_7": (lambda x: x**2.7, 1, MATH),
     "scalar_pow": (lambda x: 2**x, 1, ALL),
     "eq_scalar": (lambda x: x == 0.5, 1, ALL),

@@ -153,15 +153,17 @@ def _div(cls: str) -> Render:
 
 
 def _div_cuda(ctx: Ctx, a: Operand, b: Operand) -> str:
-    """CUDA eager divides by a Python number as the product with its reciprocal, taken once in
-    the compute type (ATen's div_true_kernel_cuda, for a CPU scalar divisor: "may lose one bit
-    of precision compared to computing the division"): eager's values, and a multiply where the
-    division was (div.rn: a test and a branch to a slow path besides the reciprocal)."""
+    """CUDA eager divides by a Python number as the product with its reciprocal (ATen's
+    div_true_kernel_cuda, for a CPU scalar divisor: "may lose one bit of precision compared to
+    computing the division"): eager's values, and a multiply where the division was (div.rn: a
+    test and a branch to a slow path besides the reciprocal). The reciprocal is the double's,
+    rounded to the compute type: on an H100 with torch 2.11, x / -1e-3 multiplies float32 x by
+    -1000.0, not by 1 / -0.001f = -999.99994, and x / 1e39 by 1e-39, not by 1 / inf."""
     if ctx.attrs.get("rounding_mode") is not None or b.const is None or isinstance(b.const, bool):
         return _div("f")(ctx, a, b)
-    precision = torch.float64 if ctx.T == "double" else torch.float32  # eager's opmath type
-    one, divisor = (torch.tensor(v, dtype=precision) for v in (1.0, float(b.const)))
-    return f"{a} * {ctx.literal((one / divisor).item())}"
+    inverse = 1 / torch.tensor(float(b.const), dtype=torch.float64)
+    compute = torch.float64 if ctx.T == "double" else torch.float32  # eager's opmath type
+    return f"{a} * {ctx.literal(inverse.to(compute).item())}"
 
 
 _POW_SPECIAL = {
@@ -173,14 +175,16 @@ _POW_SPECIAL = {
     -2.0: "1 / ({a} * {a})",
     1.0: "{a}",
 }
+_POW_SPECIAL_CUDA = {**_POW_SPECIAL, -0.5: "rsqrt{f}({a})"}  # eager's CUDA pow calls its rsqrt
 
 
 def _pow_f(ctx: Ctx, a: Operand, b: Operand) -> str:
     # Eager special-cases these exponents (pow_tensor_scalar_optimized_kernel), except for
     # float16 on the CPU; sqrt and pow differ at -inf, so there ±0.5 stay pow.
     special = ctx.cuda or ctx.compute != torch.float16 or abs(float(b.const or 0.5)) != 0.5
-    if b.const is not None and float(b.const) in _POW_SPECIAL and special:
-        return ctx.fmt(_POW_SPECIAL[float(b.const)], (a,))
+    table = _POW_SPECIAL_CUDA if ctx.cuda else _POW_SPECIAL
+    if b.const is not None and float(b.const) in table and special:
+        return ctx.fmt(table[float(b.const)], (a,))
     return ctx.fmt("pow{f}({a}, {b})", (a, b))
 
 
