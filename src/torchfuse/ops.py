@@ -75,6 +75,16 @@ class Ctx:
         names = dict(zip("abcd", (o.expr for o in operands)))
         return template.format(T=self.T, U=self.U, t=self.t, f=self.f, **names)
 
+    def narrow(self, expr: str) -> str:
+        """``expr`` (computed in float) rounded to a float16/bfloat16 compute dtype, as eager's
+        arithmetic in c10::Half/BFloat16 rounds each operation where a kernel does it in its
+        scalar type rather than in float; for other dtypes ``expr`` as it is."""
+        helper = _ROUND_16.get(self.compute)
+        return f"{helper}((float)({expr}))" if helper else f"({expr})"
+
+
+_ROUND_16 = {torch.float16: "tf_round_f16", torch.bfloat16: "tf_round_bf16"}  # codegen/cstyle
+
 
 Render = Callable[..., str]  # (ctx, *operands) -> C expression
 
@@ -138,7 +148,8 @@ def _div_mode(mode: str | None) -> dict:
     if mode is None:
         return {"f": "{a} / {b}"}
     if mode == "trunc":
-        return {"f": "trunc{f}({a} / {b})", "i": "tf_div_trunc_{t}({a}, {b}, &err)"}
+        return {"f": lambda ctx, a, b: f"trunc{ctx.f}({ctx.narrow(f'{a} / {b}')})",
+                "i": "tf_div_trunc_{t}({a}, {b}, &err)"}
     return {"f": "tf_div_floor{f}({a}, {b})", "i": "tf_div_floor_{t}({a}, {b}, &err)"}
 
 
@@ -147,7 +158,7 @@ def _div(cls: str) -> Render:
         template = _div_mode(ctx.attrs.get("rounding_mode")).get(cls)
         if template is None:
             raise Unsupported(f"div with rounding_mode={ctx.attrs.get('rounding_mode')} on {cls}")
-        return ctx.fmt(template, (a, b))
+        return template(ctx, a, b) if callable(template) else ctx.fmt(template, (a, b))
 
     return render
 
@@ -176,16 +187,26 @@ _POW_SPECIAL = {
     1.0: "{a}",
 }
 _POW_SPECIAL_CUDA = {**_POW_SPECIAL, -0.5: "rsqrt{f}({a})"}  # eager's CUDA pow calls its rsqrt
+# float16/bfloat16 (but the CPU's float16, computed in float): eager multiplies in the scalar
+# type, each product rounded ({r}: a * a rounded).
+_POW_SPECIAL_16 = {3.0: "{r} * {a}", -2.0: "1 / {r}"}
 
 
 def _pow_f(ctx: Ctx, a: Operand, b: Operand) -> str:
+    exponent = None if b.const is None else float(b.const)
+    half = ctx.compute in _ROUND_16
+    if half and exponent is not None:  # eager's exp_scalar.to<scalar_t>(): 2.7 is 2.69921875
+        exponent = torch.tensor(exponent, dtype=torch.float32).to(ctx.compute).item()
+        b = Operand(ctx.literal(exponent), exponent, b.dtype)
     # Eager special-cases these exponents (pow_tensor_scalar_optimized_kernel), except for
     # float16 on the CPU; sqrt and pow differ at -inf, so there ±0.5 stay pow.
-    special = ctx.cuda or ctx.compute != torch.float16 or abs(float(b.const or 0.5)) != 0.5
+    special = ctx.cuda or ctx.compute != torch.float16 or abs(exponent or 0.5) != 0.5
     table = _POW_SPECIAL_CUDA if ctx.cuda else _POW_SPECIAL
-    if b.const is not None and float(b.const) in table and special:
-        return ctx.fmt(table[float(b.const)], (a,))
-    return ctx.fmt("pow{f}({a}, {b})", (a, b))
+    if exponent not in table or not special:
+        return ctx.fmt("pow{f}({a}, {b})", (a, b))
+    if half and exponent in _POW_SPECIAL_16 and (ctx.cuda or ctx.compute == torch.bfloat16):
+        return _POW_SPECIAL_16[exponent].format(r=ctx.narrow(f"{a} * {a}"), a=a)
+    return ctx.fmt(table[exponent], (a,))
 
 
 def _clamp(ctx: Ctx, x: Operand, lo: Operand, hi: Operand) -> str:
@@ -214,16 +235,49 @@ _CLAMP_CPU = _clamp_lone_bound if torch.__version__ < "2.13" else _clamp
 _CLAMP = {"f": _CLAMP_CPU, "i": _clamp, "cuda": {"f": _clamp_lone_bound}}
 
 
+# Eager's formulas, its operations in its order. CUDA eager's nvcc contracts x + k * x**3 into
+# one fma (we compile without contraction: -fmad=false), so the CUDA form says so.
 _GELU = {
     "none": "0.5{F} * {a} * (1 + erf{f}({a} * 0.70710678118654752440{F}))",
     "tanh": "0.5{F} * {a} * (1 + tanh{f}(0.79788456080286535588{F} * "
-    "({a} + 0.044715{F} * {a} * {a} * {a})))",
+    "({a} + 0.044715{F} * ({a} * {a} * {a}))))",
+    "tanh_cuda": "0.5{F} * {a} * (1 + tanh{f}(0.79788456080286535588{F} * "
+    "fma{f}(0.044715{F}, {a} * {a} * {a}, {a})))",
 }
 
 
 def _gelu(ctx: Ctx, a: Operand) -> str:
-    template = _GELU[ctx.attrs.get("approximate", "none")]
+    approximate = ctx.attrs.get("approximate", "none")
+    template = _GELU.get(f"{approximate}_cuda" if ctx.cuda else approximate, _GELU[approximate])
     return template.replace("{F}", "f" if ctx.f else "").format(a=a, f=ctx.f)
+
+
+# CUDA eager's hardsigmoid and hardswish multiply by one_sixth = 1.0f / 6.0f, a float whatever
+# the opmath type; the CPU divides by 6.
+_ONE_SIXTH = torch.tensor(1 / 6, dtype=torch.float32).item()
+
+
+def _hardsigmoid_cuda(ctx: Ctx, a: Operand) -> str:
+    return f"TF_MIN(TF_MAX({a} + 3, 0), 6) * {ctx.literal(_ONE_SIXTH)}"
+
+
+def _hardswish_cuda(ctx: Ctx, a: Operand) -> str:
+    return f"{a} * TF_MIN(TF_MAX({a} + 3, 0), 6) * {ctx.literal(_ONE_SIXTH)}"
+
+
+def _tanh_backward_cuda(ctx: Ctx, a: Operand, b: Operand) -> str:
+    """CUDA eager: a * (1 - b * b) in the scalar type: float16/bfloat16 rounded at each step,
+    float and double with 1 - b * b contracted into one fma."""
+    if ctx.compute in _ROUND_16:
+        square = ctx.narrow(f"{b} * {b}")
+        return f"{a} * {ctx.narrow(f'1 - {square}')}"
+    return f"{a} * fma{ctx.f}(-{b}, {b}, 1)"
+
+
+def _sigmoid_backward_cuda(ctx: Ctx, a: Operand, b: Operand) -> str:
+    """CUDA eager: a * (1 - b) * b in the scalar type (float16/bfloat16 rounded at each step)."""
+    complement = ctx.narrow(f"1 - {b}")
+    return f"{ctx.narrow(f'{a} * {complement}')} * {b}"
 
 
 def _logit(ctx: Ctx, a: Operand) -> str:
@@ -319,8 +373,8 @@ OPS: tuple[OpDef, ...] = (
     _fn("frac", "{a} - trunc{f}({a})"),
     _fn("silu", "{a} / (1 + exp{f}(-{a}))"),
     _fn("mish", "{a} * tanh{f}(log1p{f}(exp{f}({a})))"),
-    _fn("hardsigmoid", "TF_MIN(TF_MAX({a} + 3, 0), 6) / 6"),
-    _fn("hardswish", "{a} * TF_MIN(TF_MAX({a} + 3, 0), 6) / 6"),
+    _fn("hardsigmoid", "TF_MIN(TF_MAX({a} + 3, 0), 6) / 6", cuda={"f": _hardsigmoid_cuda}),
+    _fn("hardswish", "{a} * TF_MIN(TF_MAX({a} + 3, 0), 6) / 6", cuda={"f": _hardswish_cuda}),
     _fn("gelu", _gelu),
     _fn("logit", _logit),
     _fn("nan_to_num", _nan_to_num),
@@ -331,8 +385,8 @@ OPS: tuple[OpDef, ...] = (
     _fn("hypot", "hypot{f}({a}, {b})"),
     _fn("copysign", "copysign{f}({a}, {b})"),
     _fn("logaddexp", "tf_logaddexp{f}({a}, {b})"),
-    _fn("sigmoid_backward", "{a} * (1 - {b}) * {b}"),
-    _fn("tanh_backward", "{a} * (1 - {b} * {b})"),
+    _fn("sigmoid_backward", "{a} * (1 - {b}) * {b}", cuda={"f": _sigmoid_backward_cuda}),
+    _fn("tanh_backward", "{a} * (1 - {b} * {b})", cuda={"f": _tanh_backward_cuda}),
     # rounding: the identity on integers
     *(OpDef(n, (n,), f=f"{c}{{f}}({{a}})", i=_IDENTITY, b=_IDENTITY)
       for n, c in (("ceil", "ceil"), ("floor", "floor"), ("trunc", "trunc"), ("round", "rint"))),
@@ -381,7 +435,10 @@ OPS: tuple[OpDef, ...] = (
     OpDef("threshold_backward", ("threshold_backward",), f="{b} <= {c} ? 0 : {a}",
           i="{b} <= {c} ? 0 : {a}"),
     OpDef("lerp", ("lerp",),
-          f="fabs{f}({c}) < 0.5 ? {a} + {c} * ({b} - {a}) : {b} - ({b} - {a}) * (1 - {c})"),
+          f="fabs{f}({c}) < 0.5 ? {a} + {c} * ({b} - {a}) : {b} - ({b} - {a}) * (1 - {c})",
+          # as CUDA eager's nvcc contracts both branches
+          cuda={"f": "fabs{f}({c}) < 0.5 ? fma{f}({c}, {b} - {a}, {a}) "
+                     ": fma{f}(-({b} - {a}), 1 - {c}, {b})"}),
     OpDef("addcmul", ("addcmul",), f="{a} + {d} * {b} * {c}",
           i="({T})(({U}){a} + ({U}){d} * ({U}){b} * ({U}){c})"),
     OpDef("addcdiv", ("addcdiv",), f="{a} + {d} * {b} / {c}"),

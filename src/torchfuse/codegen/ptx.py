@@ -673,6 +673,12 @@ class _Parser:
             return e.select(less, b, a)
         if name in ("tf_round_f16", "tf_round_bf16"):
             return round_half(e, e.convert(args[0], FLOAT), name == "tf_round_bf16")
+        if name in ("fmaf", "fma"):  # a * b + c rounded once
+            t = FLOAT if name == "fmaf" else DOUBLE
+            d = e.new(t)
+            a, b, c = (e.convert(x, t).reg for x in args)
+            e.op(f"fma.rn.{t.ptx} {d.reg}, {a}, {b}, {c}")
+            return d
         if name in _ROUND_TOWARD_ZERO:
             source, result = _ROUND_TOWARD_ZERO[name]
             d = e.new(result)
