@@ -105,6 +105,17 @@ def _assert_as_accurate(got, want, exact) -> None:
         f"exact {exact[bad][:5].tolist()}")
 
 
+def assert_same_bits(got, want, what="") -> None:
+    """The same bits, NaN for NaN (whatever its payload)."""
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan), what
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[want.dtype.itemsize]
+    differ = got[~nan].view(bits) != want[~nan].view(bits)
+    assert not differ.any(), (
+        f"{what}: {int(differ.sum())} of {want.numel()} differ, e.g. got "
+        f"{got[~nan][differ][:3].tolist()}, eager {want[~nan][differ][:3].tolist()}")
+
+
 def reference(fn, *inputs):
     """``fn`` on float64 copies of floating inputs (None where that fails)."""
     wide = [t.double() if t.dtype in REDUCED else t for t in inputs]

@@ -14,7 +14,14 @@ import pytest
 import torch
 
 import torchfuse
-from conftest import _tuple, assert_matches_eager, assert_same, make_input, trace
+from conftest import (
+    _tuple,
+    assert_matches_eager,
+    assert_same,
+    assert_same_bits,
+    make_input,
+    trace,
+)
 from torchfuse import compiler, devices, executor, interface
 from torchfuse.cache import SPECS
 from torchfuse.codegen.cuda import PREAMBLE, CUDARenderer, instructions, is_flat, vector_width
@@ -736,15 +743,6 @@ def _every_half(dtype, device, n=1 << 16):
     return bits.to(torch.int16).view(dtype).to(device)
 
 
-def _assert_bits(got, want, what=""):
-    """The same bits, NaN for NaN (whatever its payload)."""
-    nan = want.isnan()
-    assert torch.equal(got.isnan(), nan), what
-    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[want.dtype.itemsize]
-    differ = got[~nan].view(bits) != want[~nan].view(bits)
-    assert not differ.any(), f"{what}: {int(differ.sum())} of {want.numel()} differ"
-
-
 def _bit_patterns(dtype, device):
     """Every 16-bit pattern; for wider types random ones (subnormals, NaN, ±Inf among them)."""
     if dtype.itemsize == 2:
@@ -774,7 +772,7 @@ def test_half_pairs_are_eagers_bit_for_bit(device, dtype, launches):
         fused = _fused(fn, *inputs)
         fused(*inputs)  # builds the kernel; its vector entry follows
         for got, want in zip(_tuple(fused(*inputs)), _tuple(fn(*inputs)), strict=True):
-            _assert_bits(got, want)
+            assert_same_bits(got, want)
     if device.startswith("cuda"):
         assert launches.count("vector32") == len(cases)
 
@@ -793,7 +791,7 @@ def test_sigmoid_of_halves_is_eagers_bit_for_bit(device, dtype, launches):
     for a in (x, rows, odd):
         fused = _fused(torch.sigmoid, a)
         for _ in range(2):  # the first entry, then the vector one where the pointers allow
-            _assert_bits(fused(a)[0], torch.sigmoid(a))
+            assert_same_bits(fused(a)[0], torch.sigmoid(a))
     if device.startswith("cuda"):
         assert {"scalar32", "vector32"} <= set(launches)
 
@@ -810,7 +808,7 @@ def test_division_by_a_number_is_eagers_bit_for_bit(device, dtype):
     x = make_input((4099,), dtype, device)
     for divisor in DIVISORS:
         fn = lambda a, d=divisor: a / d + 1  # noqa: E731
-        _assert_bits(_fused(fn, x)(x)[0], fn(x), f"x / {divisor}")
+        assert_same_bits(_fused(fn, x)(x)[0], fn(x), f"x / {divisor}")
 
 
 def test_cuda_divides_by_a_number_as_a_product_with_its_reciprocal():
@@ -838,7 +836,7 @@ def test_rsqrt_is_eagers_bit_for_bit(device, dtype):
     for fn in fns:
         run, want = _fused(fn, x), fn(x)
         for call in ("first", "vector"):
-            _assert_bits(run(x)[0], want, f"{call} call")
+            assert_same_bits(run(x)[0], want, f"{call} call")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -853,4 +851,4 @@ def test_reduced_precision_rounding_is_eagers_bit_for_bit(device, dtype):
     stored = lambda a, b: (a * b).to(dtype)  # noqa: E731
     in_flight = lambda a, b: (a * b).to(dtype).float()  # noqa: E731
     for fn in (stored, in_flight):
-        _assert_bits(_fused(fn, x, one)(x, one)[0], fn(x, one))
+        assert_same_bits(_fused(fn, x, one)(x, one)[0], fn(x, one))

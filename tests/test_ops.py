@@ -15,8 +15,10 @@ import torch.nn.functional as F
 
 import torchfuse
 from conftest import (
+    _tuple,
     assert_matches_eager,
     assert_same,
+    assert_same_bits,
     make_input,
     reference,
     run_registered,
@@ -178,6 +180,26 @@ PARAMS = [
 def test_op_dtypes(name, dtype, device):
     fn, arity, _ = CASES[name]
     assert_matches_eager(fn, *_inputs(name, arity, dtype, device=device))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name,dtype", [p for p in PARAMS if p.values[1].is_floating_point])
+def test_op_dtypes_are_cuda_eagers_bits(name, dtype):
+    """CUDA eager computes with the math library we call (libdevice): every floating-point
+    result is eager's bit for bit, where its formulas, roundings and fma contractions are
+    written out as its kernels have them (the CPU's eager computes with SLEEF's vector math)."""
+    reason = devices.why_not("cuda")
+    if reason:
+        pytest.skip(reason)
+    fn, arity, _ = CASES[name]
+    inputs = _inputs(name, arity, dtype, shape=(4099,), device="cuda")
+    try:
+        want = _tuple(fn(*inputs))
+    except Exception:  # eager refuses: test_op_dtypes checks that we do too
+        return
+    for got, expected in zip(run_registered(fn, *inputs), want, strict=True):
+        if expected.dtype.is_floating_point:
+            assert_same_bits(got, expected, name)
 
 
 def _scalar_ptx_against_nvrtc(fn, inputs, monkeypatch) -> None:
