@@ -220,11 +220,17 @@ def test_gpus_with_faster_memory_per_multiprocessor_move_twice_the_bytes_a_threa
 
 @gpu
 def test_the_memory_scale_of_this_gpu(cuda_fusion):
-    """1 on an H100 (25 GB/s of memory per multiprocessor), 2 on an H200 (37)."""
+    """1 on an H100 SXM (3.35 TB/s: 25 GB/s of memory per multiprocessor), 2 on an H200 (4.8
+    TB/s: 36), as the driver's memory clock, bus width and multiprocessor count give them."""
+    key = backend.BACKEND.device_key(torch.device("cuda", 0))
+    per_multiprocessor, scale = backend._memory_per_multiprocessor(key), backend._memory_scale(key)
+    assert per_multiprocessor is not None
+    assert scale == (2 if per_multiprocessor > backend.FAST_MEMORY else 1)
     name = torch.cuda.get_device_name()
-    scale = backend._memory_scale(backend.BACKEND.device_key(torch.device("cuda", 0)))
-    assert scale == {"H100": 1, "H200": 2}.get(next((k for k in ("H100", "H200") if k in name),
-                                                    None), scale)
+    expected = {"H100 80GB HBM3": (20e9, 30e9, 1), "H200": (33e9, 40e9, 2)}
+    for model, (low, high, model_scale) in expected.items():
+        if model in name:
+            assert low < per_multiprocessor < high and scale == model_scale
 
 
 def test_inputs_reused_by_every_row_do_not_count_as_streamed():

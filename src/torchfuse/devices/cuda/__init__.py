@@ -250,7 +250,15 @@ FAST_MEMORY = 30e9  # peak memory bytes a second per multiprocessor (H100 SXM 25
 def _memory_scale(device_key: str) -> int:
     """The vector width's scale for a GPU (codegen/cuda.vector_width): 2 where its memory feeds
     each multiprocessor more than FAST_MEMORY bytes a second (an H200), whose threads then need
-    twice the bytes in flight to keep it busy; else 1."""
+    twice the bytes in flight to keep it busy; else 1 (and where the driver does not tell: the
+    H100's widths)."""
+    per_multiprocessor = _memory_per_multiprocessor(device_key)
+    return 2 if per_multiprocessor is not None and per_multiprocessor > FAST_MEMORY else 1
+
+
+def _memory_per_multiprocessor(device_key: str) -> float | None:
+    """Peak memory bytes a second per multiprocessor, from the driver's attributes (double data
+    rate); None where it does not tell."""
     try:
         from cuda.bindings.driver import CUdevice_attribute as attribute
 
@@ -258,12 +266,12 @@ def _memory_scale(device_key: str) -> int:
         clock, bus, multiprocessors = (
             _cu("cuDeviceGetAttribute", getattr(attribute, f"CU_DEVICE_ATTRIBUTE_{name}"), device)
             for name in ("MEMORY_CLOCK_RATE", "GLOBAL_MEMORY_BUS_WIDTH", "MULTIPROCESSOR_COUNT"))
-        per_multiprocessor = clock * 1e3 * 2 * bus / 8 / multiprocessors
-    except Exception as error:  # a driver that does not tell: the H100's widths
+    except Exception as error:
         log(2, f"no peak memory bandwidth for {device_key}: {error}")
-        return 1
+        return None
+    per_multiprocessor = clock * 1e3 * 2 * bus / 8 / multiprocessors
     log(2, f"{device_key}: {per_multiprocessor / 1e9:.1f} GB/s of memory per multiprocessor")
-    return 2 if per_multiprocessor > FAST_MEMORY else 1
+    return per_multiprocessor
 
 
 class CUDABackend:
