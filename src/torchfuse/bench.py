@@ -284,7 +284,8 @@ def _matches(got: Any, want: Sequence[torch.Tensor]) -> bool:
             rtol, atol = TOLERANCES.get(w.dtype, (1e-3, 1e-4))
             torch.testing.assert_close(g, w, equal_nan=True, rtol=rtol, atol=atol)
     except (AssertionError, ValueError) as error:
-        _progress(f"    results differ from eager: {str(error).splitlines()[0]}")
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        _progress(f"    results differ from eager: {'; '.join(lines[:4])}")
         return False
     return True
 
