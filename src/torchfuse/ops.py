@@ -265,19 +265,23 @@ def _hardswish_cuda(ctx: Ctx, a: Operand) -> str:
     return f"{a} * TF_MIN(TF_MAX({a} + 3, 0), 6) * {ctx.literal(_ONE_SIXTH)}"
 
 
-def _tanh_backward_cuda(ctx: Ctx, a: Operand, b: Operand) -> str:
-    """CUDA eager: a * (1 - b * b) in the scalar type: float16/bfloat16 rounded at each step,
-    float and double with 1 - b * b contracted into one fma."""
-    if ctx.compute in _ROUND_16:
+def _tanh_backward(ctx: Ctx, a: Operand, b: Operand) -> str:
+    """a * (1 - b * b) as eager computes it: 1 - b * b one fma (the CPU's vector code, nvcc's
+    contraction on CUDA), but CUDA's float16/bfloat16 in the scalar type, rounded at each
+    step."""
+    if ctx.cuda and ctx.compute in _ROUND_16:
         square = ctx.narrow(f"{b} * {b}")
         return f"{a} * {ctx.narrow(f'1 - {square}')}"
     return f"{a} * fma{ctx.f}(-{b}, {b}, 1)"
 
 
-def _sigmoid_backward_cuda(ctx: Ctx, a: Operand, b: Operand) -> str:
-    """CUDA eager: a * (1 - b) * b in the scalar type (float16/bfloat16 rounded at each step)."""
-    complement = ctx.narrow(f"1 - {b}")
-    return f"{ctx.narrow(f'{a} * {complement}')} * {b}"
+def _sigmoid_backward(ctx: Ctx, a: Operand, b: Operand) -> str:
+    """a * (1 - b) * b, computed as eager does: in the scalar type, rounded at each step, for
+    float16 (and bfloat16 on CUDA); in float otherwise."""
+    if ctx.compute == torch.float16 or (ctx.cuda and ctx.compute == torch.bfloat16):
+        complement = ctx.narrow(f"1 - {b}")
+        return f"{ctx.narrow(f'{a} * {complement}')} * {b}"
+    return f"{a} * (1 - {b}) * {b}"
 
 
 def _logit(ctx: Ctx, a: Operand) -> str:
@@ -385,8 +389,8 @@ OPS: tuple[OpDef, ...] = (
     _fn("hypot", "hypot{f}({a}, {b})"),
     _fn("copysign", "copysign{f}({a}, {b})"),
     _fn("logaddexp", "tf_logaddexp{f}({a}, {b})"),
-    _fn("sigmoid_backward", "{a} * (1 - {b}) * {b}", cuda={"f": _sigmoid_backward_cuda}),
-    _fn("tanh_backward", "{a} * (1 - {b} * {b})", cuda={"f": _tanh_backward_cuda}),
+    _fn("sigmoid_backward", _sigmoid_backward),
+    _fn("tanh_backward", _tanh_backward),
     # rounding: the identity on integers
     *(OpDef(n, (n,), f=f"{c}{{f}}({{a}})", i=_IDENTITY, b=_IDENTITY)
       for n, c in (("ceil", "ceil"), ("floor", "floor"), ("trunc", "trunc"), ("round", "rint"))),
@@ -396,7 +400,9 @@ OPS: tuple[OpDef, ...] = (
     OpDef("neg", ("neg",), f="-{a}", i="({T})(-({U}){a})"),
     OpDef("sign", ("sign", "sgn"), f="({a} > 0) - ({a} < 0)", i="({a} > 0) - ({a} < 0)",
           b=_IDENTITY),
-    OpDef("relu", ("relu",), f="({a} > 0 || {a} != {a}) ? {a} : 0", i="{a} > 0 ? {a} : 0"),
+    # relu(-0.0): -0.0 on the CPU (its max keeps the input), 0.0 on CUDA
+    OpDef("relu", ("relu",), f="{a} < 0 ? 0 : {a}", i="{a} > 0 ? {a} : 0",
+          cuda={"f": "({a} > 0 || {a} != {a}) ? {a} : 0"}),
     OpDef("signbit", ("signbit",), f="copysign{f}(1, {a}) < 0", i="{a} < 0", b="0", compute="none",
           boolean=True, cuda={"f": "signbit({a})"}),  # CUDA C++: copysign(int, double) is ambiguous
     # classification
@@ -434,13 +440,12 @@ OPS: tuple[OpDef, ...] = (
     OpDef("threshold", ("threshold",), f="{a} <= {b} ? {c} : {a}", i="{a} <= {b} ? {c} : {a}"),
     OpDef("threshold_backward", ("threshold_backward",), f="{b} <= {c} ? 0 : {a}",
           i="{b} <= {c} ? 0 : {a}"),
-    OpDef("lerp", ("lerp",),
-          f="fabs{f}({c}) < 0.5 ? {a} + {c} * ({b} - {a}) : {b} - ({b} - {a}) * (1 - {c})",
-          # as CUDA eager's nvcc contracts both branches
-          cuda={"f": "fabs{f}({c}) < 0.5 ? fma{f}({c}, {b} - {a}, {a}) "
-                     ": fma{f}(-({b} - {a}), 1 - {c}, {b})"}),
-    OpDef("addcmul", ("addcmul",), f="{a} + {d} * {b} * {c}",
-          i="({T})(({U}){a} + ({U}){d} * ({U}){b} * ({U}){c})"),
+    # eager's two branches, each one fma (the CPU's vector code, nvcc's contraction on CUDA)
+    OpDef("lerp", ("lerp",), f="fabs{f}({c}) < 0.5 ? fma{f}({c}, {b} - {a}, {a}) "
+                               ": fma{f}(-({b} - {a}), 1 - {c}, {b})"),
+    OpDef("addcmul", ("addcmul",), f="fma{f}({d} * {b}, {c}, {a})",  # the CPU's vector code
+          i="({T})(({U}){a} + ({U}){d} * ({U}){b} * ({U}){c})",
+          cuda={"f": "{a} + {d} * {b} * {c}"}),
     OpDef("addcdiv", ("addcdiv",), f="{a} + {d} * {b} / {c}"),
     # comparisons and logic
     _cmp("eq", "=="), _cmp("ne", "!="), _cmp("lt", "<"), _cmp("le", "<="), _cmp("gt", ">"),
