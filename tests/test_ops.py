@@ -202,6 +202,25 @@ def test_op_dtypes_are_cuda_eagers_bits(name, dtype):
             assert_same_bits(got, expected, name)
 
 
+# Op cases whose CPU eager arithmetic the templates write out (fma where its vector code has
+# one, 16-bit steps, relu's -0.0) and that call no math function: eager's bits on an x86 CPU
+# whose eager kernels are AVX2/AVX512 (with FMA). SLEEF's math functions keep the others apart
+# in the last bits (pow by 2.7: its 16-bit results only where no rounding boundary lies between).
+CPU_EXACT = {"lerp_scalar", "lerp_tensor", "tanh_backward", "sigmoid_backward", "addcmul", "relu",
+             "pow_2", "pow_3", "pow_minus2", "div_trunc", "hardsigmoid", "hardswish"}
+
+
+@pytest.mark.parametrize("name,dtype", [p for p in PARAMS if p.values[0] in CPU_EXACT
+                                        and p.values[1].is_floating_point])
+def test_op_dtypes_are_cpu_eagers_bits(name, dtype):
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("eager's CPU kernels here are not the AVX2/AVX512 ones (FMA)")
+    fn, arity, _ = CASES[name]
+    inputs = _inputs(name, arity, dtype, shape=(4099,))
+    for got, expected in zip(run_registered(fn, *inputs), _tuple(fn(*inputs)), strict=True):
+        assert_same_bits(got, expected, name)
+
+
 def _scalar_ptx_against_nvrtc(fn, inputs, monkeypatch) -> None:
     """The CUDA scalar32 entry assembled from PTX (codegen/ptx.py) computes NVRTC's values of
     the same C entry, bit for bit; only scalar32 runs (no vector entry is built)."""
