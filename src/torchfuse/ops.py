@@ -196,7 +196,7 @@ def _pow_f(ctx: Ctx, a: Operand, b: Operand) -> str:
     exponent = None if b.const is None else float(b.const)
     half = ctx.compute in _ROUND_16
     if half and exponent is not None:  # eager's exp_scalar.to<scalar_t>(): 2.7 is 2.69921875
-        exponent = torch.tensor(exponent, dtype=torch.float32).to(ctx.compute).item()
+        exponent = _rounded(exponent, ctx.compute)
         b = Operand(ctx.literal(exponent), exponent, b.dtype)
     # Eager special-cases these exponents (pow_tensor_scalar_optimized_kernel), except for
     # float16 on the CPU; sqrt and pow differ at -inf, so there ±0.5 stay pow.
@@ -285,12 +285,24 @@ def _sigmoid_backward(ctx: Ctx, a: Operand, b: Operand) -> str:
 
 
 def _logit(ctx: Ctx, a: Operand) -> str:
-    eps = ctx.attrs.get("eps")
-    if eps is None:
-        return f"log{ctx.f}({a} / (1 - {a}))"
-    lo, hi = ctx.literal(eps), ctx.literal(1 - eps)
-    z = f"({a} < {lo} ? {lo} : ({a} > {hi} ? {hi} : {a}))"
-    return f"log{ctx.f}({z} / (1 - {z}))"
+    """log(z / (1 - z)), z = a clamped to [eps, 1 - eps] where eps is given. The CPU's eager
+    computes float16/bfloat16 in the scalar type: eps, 1 - eps and each step rounded to it (the
+    bfloat16 1 - 1e-3 is 1, so logit(1) stays inf there); CUDA's in float."""
+    stepwise = not ctx.cuda and ctx.compute in _ROUND_16
+    narrow = ctx.narrow if stepwise else lambda expr: expr
+    eps, z = ctx.attrs.get("eps"), a
+    if eps is not None:
+        lo = _rounded(eps, ctx.compute) if stepwise else eps
+        hi = _rounded(1 - lo, ctx.compute) if stepwise else 1 - eps
+        lo, hi = ctx.literal(lo), ctx.literal(hi)
+        z = f"({a} < {lo} ? {lo} : ({a} > {hi} ? {hi} : {a}))"
+    complement = narrow(f"1 - {z}")
+    return f"log{ctx.f}({narrow(f'{z} / ({complement})')})"
+
+
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """A Python number as eager's Scalar.to<scalar_t>() gives it for ``dtype`` (via float)."""
+    return torch.tensor(value, dtype=torch.float32).to(dtype).item()
 
 
 _FINFO_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.3895313892515355e38}
