@@ -837,7 +837,7 @@ def test_rsqrt_is_eagers_bit_for_bit(device, dtype):
     device's eager computes it: the same bits for every 16-bit input and random wider ones,
     from the first call's entry point and from the vector entry built after it."""
     x = _bit_patterns(dtype, device)
-    # CUDA's pow(x, -0.5) is its rsqrt (the CPU's float16 pow is not 1 / sqrt)
+    # CUDA eager sends pow(x, -0.5) to its rsqrt (the CPU keeps float16 pow there)
     fns = (torch.rsqrt, lambda a: a**-0.5) if device.startswith("cuda") else (torch.rsqrt,)
     for fn in fns:
         run, want = _fused(fn, x), fn(x)
