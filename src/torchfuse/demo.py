@@ -11,13 +11,14 @@ prints the time per call of eager and of torchfuse.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 
 import torchfuse
+from torchfuse import bench
 
 
 class LSTMCell(torch.nn.Module):
@@ -48,21 +49,12 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, lr=1e-3, beta1=0.9, beta2=0.999,
 
 def _time(fns, *args, repeat: int) -> list[float]:
     """Seconds per call of each of ``fns``: the best of ``repeat`` rounds, each round calling
-    every one in turn, so that a burst of load from elsewhere hits them alike (the best, since
-    other processes only ever add time; timed one after the other, the LSTM cell's speed-up on a
-    2-vCPU VM ranged from 0.83x to 2.5x between runs)."""
-    sync = torch.cuda.synchronize if args[0].is_cuda else (lambda: None)
-    best = [math.inf] * len(fns)
-    for fn in fns:
-        fn(*args)
-    for _ in range(repeat):
-        for k, fn in enumerate(fns):
-            sync()
-            start = time.perf_counter()
-            fn(*args)
-            sync()
-            best[k] = min(best[k], time.perf_counter() - start)
-    return best
+    every one in turn (the bench's timing: timed one after the other by medians, the LSTM cell's
+    speed-up on a 2-vCPU VM ranged from 0.83x to 2.5x between runs)."""
+    plan = bench.Plan(large=0, budget_s=0.0, min_reps=repeat, max_reps=repeat)
+    calls = {k: functools.partial(fn, *args) for k, fn in enumerate(fns)}
+    best = bench.time_columns(calls, args[0].device, plan, large=True)
+    return [best[k] for k in calls]
 
 
 def _check(got, want) -> float:

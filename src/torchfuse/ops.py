@@ -70,20 +70,17 @@ class Ctx:
     f: str
     literal: Callable[[float], str]  # renders a Python number as a constant of the compute type
     cuda: bool = False
+    narrow: Callable[[str], str] = str
+    """Rounds an expression computed in float to a float16/bfloat16 compute dtype (the
+    renderer's conversion), as eager's arithmetic in c10::Half/BFloat16 rounds each operation
+    where a kernel does it in its scalar type rather than in float; other dtypes keep it."""
 
     def fmt(self, template: str, operands: Sequence[Operand]) -> str:
         names = dict(zip("abcd", (o.expr for o in operands)))
         return template.format(T=self.T, U=self.U, t=self.t, f=self.f, **names)
 
-    def narrow(self, expr: str) -> str:
-        """``expr`` (computed in float) rounded to a float16/bfloat16 compute dtype, as eager's
-        arithmetic in c10::Half/BFloat16 rounds each operation where a kernel does it in its
-        scalar type rather than in float; for other dtypes ``expr`` as it is."""
-        helper = _ROUND_16.get(self.compute)
-        return f"{helper}((float)({expr}))" if helper else f"({expr})"
 
-
-_ROUND_16 = {torch.float16: "tf_round_f16", torch.bfloat16: "tf_round_bf16"}  # codegen/cstyle
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 Render = Callable[..., str]  # (ctx, *operands) -> C expression
@@ -194,7 +191,7 @@ _POW_SPECIAL_16 = {3.0: "{r} * {a}", -2.0: "1 / {r}"}
 
 def _pow_f(ctx: Ctx, a: Operand, b: Operand) -> str:
     exponent = None if b.const is None else float(b.const)
-    half = ctx.compute in _ROUND_16
+    half = ctx.compute in HALF_DTYPES
     if half and exponent is not None:  # eager's exp_scalar.to<scalar_t>(): 2.7 is 2.69921875
         exponent = _rounded(exponent, ctx.compute)
         b = Operand(ctx.literal(exponent), exponent, b.dtype)
@@ -269,7 +266,7 @@ def _tanh_backward(ctx: Ctx, a: Operand, b: Operand) -> str:
     """a * (1 - b * b) as eager computes it: 1 - b * b one fma (the CPU's vector code, nvcc's
     contraction on CUDA), but CUDA's float16/bfloat16 in the scalar type, rounded at each
     step."""
-    if ctx.cuda and ctx.compute in _ROUND_16:
+    if ctx.cuda and ctx.compute in HALF_DTYPES:
         square = ctx.narrow(f"{b} * {b}")
         return f"{a} * {ctx.narrow(f'1 - {square}')}"
     return f"{a} * fma{ctx.f}(-{b}, {b}, 1)"
@@ -288,7 +285,7 @@ def _logit(ctx: Ctx, a: Operand) -> str:
     """log(z / (1 - z)), z = a clamped to [eps, 1 - eps] where eps is given. The CPU's eager
     computes float16/bfloat16 in the scalar type: eps, 1 - eps and each step rounded to it (the
     bfloat16 1 - 1e-3 is 1, so logit(1) stays inf there); CUDA's in float."""
-    stepwise = not ctx.cuda and ctx.compute in _ROUND_16
+    stepwise = not ctx.cuda and ctx.compute in HALF_DTYPES
     narrow = ctx.narrow if stepwise else lambda expr: expr
     eps, z = ctx.attrs.get("eps"), a
     if eps is not None:

@@ -279,12 +279,14 @@ class CStyleRenderer:
             f="f" if C_TYPES[compute] == "float" else "",
             literal=lambda value: self.literal(value, compute),
             cuda=self.cuda,
+            narrow=lambda expr: self.convert(
+                expr, torch.float32 if compute in ops.HALF_DTYPES else compute, compute),
         )
         template = selected.template
         expr = template(ctx, *operands) if callable(template) else ctx.fmt(template, operands)
         # float16/bfloat16 compute in float: the result is rounded to its dtype like eager's.
         result = torch.bool if selected.op.boolean else compute
-        if result in (torch.float16, torch.bfloat16):
+        if result in ops.HALF_DTYPES:
             result = torch.float32
         return expr, result
 

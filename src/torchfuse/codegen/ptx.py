@@ -30,7 +30,7 @@ from fractions import Fraction
 
 import torch
 
-from ..ops import Unsupported
+from ..ops import HALF_DTYPES, Unsupported
 from ..spec import BROADCAST, CONTIG
 from .cstyle import C_TYPES, INT_HELPER_TYPES, helpers_for
 
@@ -842,7 +842,7 @@ def _guard(e: Emitter, kernel, p: int, index: list[Value], strides: list[Value])
 
 def load(e: Emitter, addr: str, dtype: torch.dtype) -> Value:
     """One element as its compute type: halves widened to float, bytes of a bool tested."""
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype in HALF_DTYPES:
         bits, d = e.new("h" if dtype == torch.float16 else "r"), e.new(FLOAT)
         if dtype == torch.float16:
             e.op(f"ld.global.nc.b16 {bits}, [{addr}]")
