@@ -207,7 +207,8 @@ def test_op_dtypes_are_cuda_eagers_bits(name, dtype):
 # whose eager kernels are AVX2/AVX512 (with FMA). SLEEF's math functions keep the others apart
 # in the last bits (pow by 2.7: its 16-bit results only where no rounding boundary lies between).
 CPU_EXACT = {"lerp_scalar", "lerp_tensor", "tanh_backward", "sigmoid_backward", "addcmul", "relu",
-             "pow_2", "pow_3", "pow_minus2", "div_trunc", "hardsigmoid", "hardswish"}
+             "pow_2", "pow_3", "pow_minus2", "div_trunc", "div_floor", "floor_divide",
+             "hardsigmoid", "hardswish"}
 
 
 @pytest.mark.parametrize("name,dtype", [p for p in PARAMS if p.values[0] in CPU_EXACT
@@ -381,6 +382,21 @@ def test_half_intermediates_round_like_eager(device):
     x = make_input((4096,), torch.float16, device)
     fn = lambda t: (t + t * t - t.exp()).sigmoid() + t  # noqa: E731
     assert_same(run_registered(fn, x), fn(x), reference(fn, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_floor_division_of_far_apart_operands_is_eagers(device, dtype):
+    """Quotients across the 16-bit types' range, where their rounding steps pass 1: eager's CPU
+    kernel computes 16-bit floor division in 16-bit steps, each rounded, CUDA's in float; ours
+    has the same bits, division by zero and overflow to infinity included."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 16
+    a = (torch.randn(n, generator=g) * 5).to(dtype)
+    b = (torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 4)).to(dtype)
+    b[::97] = 0
+    a, b = a.to(device), b.to(device)
+    for fn in (lambda x, y: torch.div(x, y, rounding_mode="floor"), torch.floor_divide):
+        assert_same_bits(run_registered(fn, a, b)[0], fn(a, b))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])

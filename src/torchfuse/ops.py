@@ -141,13 +141,23 @@ def _axpy(sign: str, swap: bool = False) -> dict:
     return {"f": f, "i": i, "b": b, "pair": pair}
 
 
+def _div_floor(ctx: Ctx, a: Operand, b: Operand) -> str:
+    """Floor division (rounding_mode="floor", floor_divide). Eager's vectorised CPU kernel
+    computes float16/bfloat16 in their own type, each step rounded (computed in float, about 1 %
+    of float16 quotients of operands orders of magnitude apart differed, by one or by a 16-bit
+    rounding step); CUDA's computes them in float."""
+    if not ctx.cuda and ctx.compute in HALF_DTYPES:
+        return f"tf_div_floor_{'f16' if ctx.compute == torch.float16 else 'bf16'}({a}, {b})"
+    return ctx.fmt("tf_div_floor{f}({a}, {b})", (a, b))
+
+
 def _div_mode(mode: str | None) -> dict:
     if mode is None:
         return {"f": "{a} / {b}"}
     if mode == "trunc":
         return {"f": lambda ctx, a, b: f"trunc{ctx.f}({ctx.narrow(f'{a} / {b}')})",
                 "i": "tf_div_trunc_{t}({a}, {b}, &err)"}
-    return {"f": "tf_div_floor{f}({a}, {b})", "i": "tf_div_floor_{t}({a}, {b}, &err)"}
+    return {"f": _div_floor, "i": "tf_div_floor_{t}({a}, {b}, &err)"}
 
 
 def _div(cls: str) -> Render:
@@ -427,7 +437,7 @@ OPS: tuple[OpDef, ...] = (
     OpDef("rsub", ("rsub",), **_axpy("-", swap=True)),
     OpDef("mul", ("mul",), f="{a} * {b}", i=_WRAP_MUL, b="{a} && {b}", pair="tf_{t}mul2({a}, {b})"),
     OpDef("div", ("div",), f=_div("f"), i=_div("i"), check=_check_div, cuda={"f": _div_cuda}),
-    OpDef("floor_divide", ("floor_divide",), f="tf_div_floor{f}({a}, {b})",
+    OpDef("floor_divide", ("floor_divide",), f=_div_floor,
           i="tf_div_floor_{t}({a}, {b}, &err)"),
     OpDef("remainder", ("remainder",), f="tf_remainder{f}({a}, {b})",
           i="tf_remainder_{t}({a}, {b}, &err)"),

@@ -67,6 +67,24 @@ TF_FN float tf_round_bf16(float f) {
 }"""),
     (("tf_round_f16",), r"""
 TF_FN float tf_round_f16(float f) { return tf_h2f(tf_f2h(f)); }"""),
+    (("tf_div_floor_f16", "tf_div_floor_bf16"), r"""
+/* Floor division as eager's vectorised CPU kernel computes float16/bfloat16 (c10's
+   div_floor_floating on Vectorized<Half/BFloat16>): each operation rounded by R; where the
+   rounded quotient overflows, a finite a is divided whole */
+#define TF_DIV_FLOOR_ROUNDED(S, R) \
+TF_FN float tf_div_floor_##S(float a, float b) { \
+  float q = R(a / b); \
+  if (b == 0) return q; \
+  float mod = fmodf(a, b); \
+  float div = R((isinf(q) && !isinf(a) ? a : R(a - mod)) / b); \
+  if (mod != 0 && ((b < 0) != (mod < 0))) div = R(div - 1); \
+  if (div == 0) return copysignf(0.0f, q); \
+  float floordiv = floorf(div); \
+  if (R(div - floordiv) > 0.5f) floordiv = R(floordiv + 1); \
+  return floordiv; \
+}
+TF_DIV_FLOOR_ROUNDED(f16, tf_round_f16)
+TF_DIV_FLOOR_ROUNDED(bf16, tf_round_bf16)"""),
     (("tf_f2i32", "tf_f2i64"), r"""
 /* float -> integer as x86 converts (out of range and NaN give the minimum), without UB */
 TF_FN int32_t tf_f2i32(double x) {
