@@ -385,18 +385,29 @@ def test_half_intermediates_round_like_eager(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_floor_division_of_far_apart_operands_is_eagers(device, dtype):
-    """Quotients across the 16-bit types' range, where their rounding steps pass 1: eager's CPU
-    kernel computes 16-bit floor division in 16-bit steps, each rounded, CUDA's in float; ours
-    has the same bits, division by zero and overflow to infinity included."""
+def test_floor_division_is_eagers_bit_for_bit(device, dtype):
+    """Quotients across the 16-bit types' range, where their rounding steps pass 1, by tensors,
+    by one-element tensors (eager's TensorIterator calls those scalars) and by Python numbers:
+    each device's eager computes floor division its own way (ops._div_floor, _div_floor_cuda);
+    ours gives the same bits, division by zero and overflow to infinity included."""
     g = torch.Generator().manual_seed(0)
     n = 1 << 16
-    a = (torch.randn(n, generator=g) * 5).to(dtype)
+    a = (torch.randn(n, generator=g) * 5).to(dtype).to(device)
     b = (torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 4)).to(dtype)
     b[::97] = 0
-    a, b = a.to(device), b.to(device)
-    for fn in (lambda x, y: torch.div(x, y, rounding_mode="floor"), torch.floor_divide):
+    b = b.to(device)
+    floor = lambda x, y: torch.div(x, y, rounding_mode="floor")  # noqa: E731
+    for fn in (floor, torch.floor_divide):
         assert_same_bits(run_registered(fn, a, b)[0], fn(a, b))
+        for divisor in (-0.007, 1e-3, 3.0):
+            one = torch.tensor(divisor, dtype=dtype, device=device)
+            for y in (one, one.reshape(1)):
+                for program in (fn, lambda x, y, fn=fn: fn(x, y * 2)):
+                    assert_same_bits(run_registered(program, a, y)[0], program(a, y))
+            by_number = lambda x, divisor=divisor: fn(x, divisor)  # noqa: E731
+            assert_same_bits(run_registered(by_number, a)[0], by_number(a))
+    x, y = (torch.tensor([v], dtype=dtype, device=device) for v in (-3.888671875, 5.703e-4))
+    assert_same_bits(run_registered(floor, x, y)[0], floor(x, y))  # one element: scalars all
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])

@@ -17,7 +17,7 @@ from . import devices, diskcache, fallback, ops
 from .cache import SPECS, count
 from .codegen import TypedGraph
 from .config import log
-from .ir import FusionGraph, from_fx
+from .ir import FusionGraph, Ref, from_fx
 from .spec import ArgSpec, Kernel, KernelSpec
 
 
@@ -53,7 +53,10 @@ def infer_types(graph: FusionGraph, argspec: ArgSpec, cuda: bool = False) -> Typ
     for value in values:
         if value.dtype not in ops.DTYPES:
             raise ops.Unsupported(f"dtype {value.dtype}")
-    return TypedGraph(graph, tuple(v.dtype for v in values), tuple(selected))
+    scalar = [d.scalar for d in argspec.inputs]  # and the values computed from scalars alone
+    for op in graph.ops:
+        scalar.append(all(scalar[o.id] for o in op.operands if isinstance(o, Ref)))
+    return TypedGraph(graph, tuple(v.dtype for v in values), tuple(selected), tuple(scalar))
 
 
 def render(spec: KernelSpec, argspec: ArgSpec, device: torch.device) -> tuple[str, TypedGraph]:

@@ -329,8 +329,8 @@ def plan(spec: KernelSpec, inputs: Sequence[torch.Tensor]) -> tuple:
         raise NoKernel(devices.why_not(device.type) or f"no backend for {device.type}")
     dtypes = tuple([t.dtype for t in inputs])
     default = torch.get_default_dtype()
-    if flat:  # one flat loop over contiguous operands of one shape
-        numel = first.numel()
+    numel = first.numel() if flat else 1
+    if numel != 1:  # one flat loop over contiguous operands of one shape (one element: scalars)
         n_out = len(spec.output_deps)
         strides = _UNIT_STRIDES.get((len(inputs), n_out))
         if strides is None:
@@ -420,10 +420,11 @@ def _layout(spec, shapes, input_strides, device_key, dtypes, default) -> tuple:
     zero_dim = tuple(len(s) == 0 for s in shapes)
     if all(zero_dim):
         zero_dim = (False,) * n_in  # only a mix of 0-d and n-d changes type promotion
-    flat = (len(sizes) == 1 and all(c == CONTIG for c in inner) and not any(zero_dim)
+    scalar = tuple(math.prod(s) == 1 for s in shapes)
+    flat = (len(sizes) == 1 and all(c == CONTIG for c in inner) and not any(scalar)
             and all(o == (CONTIG, False) for o in outputs))
     reused = tuple(0 in m[:-1] for m in merged[:n_in])
-    layout = None if flat else (len(sizes), inner, zero_dim, reused, outputs)
+    layout = None if flat else (len(sizes), inner, zero_dim, reused, scalar, outputs)
     flat_strides = [s for m in merged for s in m]
     return (device_key, dtypes, layout, default), math.prod(shape), sizes, flat_strides, outs
 

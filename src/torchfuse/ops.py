@@ -49,6 +49,7 @@ class Operand:
     expr: str
     const: Any = None  # the Python value when the operand is a constant, else None
     dtype: torch.dtype | None = None  # the operand's own dtype (before casting)
+    scalar: bool = False  # the same value at every element: a constant or a one-element tensor
 
     def __str__(self) -> str:
         return self.expr
@@ -143,12 +144,26 @@ def _axpy(sign: str, swap: bool = False) -> dict:
 
 def _div_floor(ctx: Ctx, a: Operand, b: Operand) -> str:
     """Floor division (rounding_mode="floor", floor_divide). Eager's vectorised CPU kernel
-    computes float16/bfloat16 in their own type, each step rounded (computed in float, about 1 %
-    of float16 quotients of operands orders of magnitude apart differed, by one or by a 16-bit
-    rounding step); CUDA's computes them in float."""
-    if not ctx.cuda and ctx.compute in HALF_DTYPES:
-        return f"tf_div_floor_{'f16' if ctx.compute == torch.float16 else 'bf16'}({a}, {b})"
+    computes float16/bfloat16 in their own type, each step rounded, but by a scalar divisor (a
+    Python number or a one-element tensor) in float; computed in float throughout, about 1 % of
+    float16 quotients of tensors orders of magnitude apart differed, by one or by a 16-bit
+    rounding step."""
+    if ctx.compute in HALF_DTYPES and not b.scalar:
+        return f"tf_div_floor_steps_{'f16' if ctx.compute == torch.float16 else 'bf16'}({a}, {b})"
     return ctx.fmt("tf_div_floor{f}({a}, {b})", (a, b))
+
+
+def _div_floor_cuda(ctx: Ctx, a: Operand, b: Operand) -> str:
+    """Floor division as CUDA eager computes it: c10's div_floor_floating on the tensors' own
+    types, so float16/bfloat16 take the quotient in float and hold its floor in the 16-bit type
+    (in float throughout, 41 of 262144 float16 quotients differed); by a Python number, the
+    quotient is the product with the number's reciprocal, in float (double for double)."""
+    held = {torch.float16: "_held_f16", torch.bfloat16: "_held_bf16"}.get(ctx.compute, ctx.f)
+    if b.const is None or isinstance(b.const, bool):
+        return f"tf_div_floor{held}({a}, {b})"
+    wide = torch.float64 if ctx.T == "double" else torch.float32  # eager's accscalar type
+    inverse = (1 / torch.tensor(float(b.const), dtype=wide)).item()
+    return f"tf_div_floor_rcp{held}({a}, {b}, {ctx.literal(inverse)})"
 
 
 def _div_mode(mode: str | None) -> dict:
@@ -177,6 +192,8 @@ def _div_cuda(ctx: Ctx, a: Operand, b: Operand) -> str:
     test and a branch to a slow path besides the reciprocal). The reciprocal is the double's,
     rounded to the compute type: on an H100 with torch 2.11, x / -1e-3 multiplies float32 x by
     -1000.0, not by 1 / -0.001f = -999.99994, and x / 1e39 by 1e-39, not by 1 / inf."""
+    if ctx.attrs.get("rounding_mode") == "floor":
+        return _div_floor_cuda(ctx, a, b)
     if ctx.attrs.get("rounding_mode") is not None or b.const is None or isinstance(b.const, bool):
         return _div("f")(ctx, a, b)
     inverse = 1 / torch.tensor(float(b.const), dtype=torch.float64)
@@ -312,6 +329,24 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
     return torch.tensor(value, dtype=torch.float32).to(dtype).item()
 
 
+_THRESHOLD, _THRESHOLD_BACKWARD = "{a} <= {b} ? {c} : {a}", "{b} <= {c} ? 0 : {a}"
+
+
+def _threshold_cuda(template: str, bound: int) -> Render:
+    """CUDA eager compares with the threshold in the tensor's own type (threshold.to<scalar_t>()):
+    rounded to float16/bfloat16 first (bfloat16's 0.1 is 0.10009765625, which the CPU's float
+    comparison puts above 0.1)."""
+    def render(ctx: Ctx, *operands: Operand) -> str:
+        threshold = operands[bound]
+        if threshold.const is not None and ctx.compute in HALF_DTYPES:
+            value = _rounded(float(threshold.const), ctx.compute)
+            operands = (*operands[:bound], Operand(ctx.literal(value), value, threshold.dtype),
+                        *operands[bound + 1:])
+        return ctx.fmt(template, operands)
+
+    return render
+
+
 _FINFO_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.3895313892515355e38}
 
 
@@ -437,7 +472,7 @@ OPS: tuple[OpDef, ...] = (
     OpDef("rsub", ("rsub",), **_axpy("-", swap=True)),
     OpDef("mul", ("mul",), f="{a} * {b}", i=_WRAP_MUL, b="{a} && {b}", pair="tf_{t}mul2({a}, {b})"),
     OpDef("div", ("div",), f=_div("f"), i=_div("i"), check=_check_div, cuda={"f": _div_cuda}),
-    OpDef("floor_divide", ("floor_divide",), f=_div_floor,
+    OpDef("floor_divide", ("floor_divide",), f=_div_floor, cuda={"f": _div_floor_cuda},
           i="tf_div_floor_{t}({a}, {b}, &err)"),
     OpDef("remainder", ("remainder",), f="tf_remainder{f}({a}, {b})",
           i="tf_remainder_{t}({a}, {b}, &err)"),
@@ -456,9 +491,10 @@ OPS: tuple[OpDef, ...] = (
           i="TF_MIN({a}, {b})", cuda={"f": lambda ctx, a, b: _clamp_lone_bound(ctx, a, None, b)}),
     OpDef("hardtanh", ("hardtanh",), f="tf_min{f}(tf_max{f}({a}, {b}), {c})",
           i="TF_MIN(TF_MAX({a}, {b}), {c})"),
-    OpDef("threshold", ("threshold",), f="{a} <= {b} ? {c} : {a}", i="{a} <= {b} ? {c} : {a}"),
-    OpDef("threshold_backward", ("threshold_backward",), f="{b} <= {c} ? 0 : {a}",
-          i="{b} <= {c} ? 0 : {a}"),
+    OpDef("threshold", ("threshold",), f=_THRESHOLD, i=_THRESHOLD,
+          cuda={"f": _threshold_cuda(_THRESHOLD, 1)}),
+    OpDef("threshold_backward", ("threshold_backward",), f=_THRESHOLD_BACKWARD,
+          i=_THRESHOLD_BACKWARD, cuda={"f": _threshold_cuda(_THRESHOLD_BACKWARD, 2)}),
     # eager's two branches, each one fma (the CPU's vector code, nvcc's contraction on CUDA)
     OpDef("lerp", ("lerp",), f="fabs{f}({c}) < 0.5 ? fma{f}({c}, {b} - {a}, {a}) "
                                ": fma{f}(-({b} - {a}), 1 - {c}, {b})"),

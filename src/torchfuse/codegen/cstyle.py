@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
-from collections.abc import Sequence
 
 import torch
 
@@ -67,12 +66,12 @@ TF_FN float tf_round_bf16(float f) {
 }"""),
     (("tf_round_f16",), r"""
 TF_FN float tf_round_f16(float f) { return tf_h2f(tf_f2h(f)); }"""),
-    (("tf_div_floor_f16", "tf_div_floor_bf16"), r"""
+    (("tf_div_floor_steps",), r"""
 /* Floor division as eager's vectorised CPU kernel computes float16/bfloat16 (c10's
    div_floor_floating on Vectorized<Half/BFloat16>): each operation rounded by R; where the
    rounded quotient overflows, a finite a is divided whole */
 #define TF_DIV_FLOOR_ROUNDED(S, R) \
-TF_FN float tf_div_floor_##S(float a, float b) { \
+TF_FN float tf_div_floor_steps_##S(float a, float b) { \
   float q = R(a / b); \
   if (b == 0) return q; \
   float mod = fmodf(a, b); \
@@ -94,6 +93,21 @@ TF_FN int64_t tf_f2i64(double x) {
   return (x != x || x < -0x1p63 || x >= 0x1p63) ? INT64_MIN : (int64_t)x;
 }"""),
     (("tf_max", "tf_min", "tf_remainder", "tf_div_floor", "tf_logaddexp"), r"""
+/* c10's div_floor_floating, eager's floor of a floating-point quotient: Q(x) divides x by b
+   (TF_QUOTIENT) or multiplies it by the reciprocal CUDA eager takes of a Python number
+   (TF_TIMES_INVERSE); R holds a value in the result's type (TF_SAME, or a 16-bit rounding) */
+#define TF_DIV_FLOOR_BODY(T, S, Q, R) \
+  if (b == 0) return a / b; \
+  T mod = fmod##S(a, b); \
+  T div = Q(a - mod); \
+  if (mod != 0 && ((b < 0) != (mod < 0))) div -= 1; \
+  if (div == 0) return copysign##S((T)0, Q(a)); \
+  T floordiv = R(floor##S(div)); \
+  if (div - floordiv > (T)0.5) floordiv = R(floordiv + 1); \
+  return floordiv;
+#define TF_QUOTIENT(x) ((x) / b)
+#define TF_TIMES_INVERSE(x) ((x) * inverse)
+#define TF_SAME(x) (x)
 #define TF_FLOAT_HELPERS(S, T) \
 TF_FN T tf_max##S(T a, T b) { return (a != a || b != b) ? a + b : TF_MAX(a, b); } \
 TF_FN T tf_min##S(T a, T b) { return (a != a || b != b) ? a + b : TF_MIN(a, b); } \
@@ -102,15 +116,9 @@ TF_FN T tf_remainder##S(T a, T b) { \
   if (mod != 0 && ((b < 0) != (mod < 0))) mod += b; \
   return mod; \
 } \
-TF_FN T tf_div_floor##S(T a, T b) { \
-  if (b == 0) return a / b; \
-  T mod = fmod##S(a, b); \
-  T div = (a - mod) / b; \
-  if (mod != 0 && ((b < 0) != (mod < 0))) div -= 1; \
-  if (div == 0) return copysign##S((T)0, a / b); \
-  T floordiv = floor##S(div); \
-  if (div - floordiv > (T)0.5) floordiv += 1; \
-  return floordiv; \
+TF_FN T tf_div_floor##S(T a, T b) { TF_DIV_FLOOR_BODY(T, S, TF_QUOTIENT, TF_SAME) } \
+TF_FN T tf_div_floor_rcp##S(T a, T b, T inverse) { \
+  TF_DIV_FLOOR_BODY(T, S, TF_TIMES_INVERSE, TF_SAME) \
 } \
 TF_FN T tf_logaddexp##S(T a, T b) { \
   if (isinf(a) && a == b) return a; \
@@ -119,6 +127,18 @@ TF_FN T tf_logaddexp##S(T a, T b) { \
 }
 TF_FLOAT_HELPERS(f, float)
 TF_FLOAT_HELPERS(, double)"""),
+    (("_held_f16", "_held_bf16"), r"""
+/* CUDA eager's floor division of float16/bfloat16 (div_floor_floating on c10::Half/BFloat16
+   values): the quotient in float, the floor held in the 16-bit type */
+#define TF_DIV_FLOOR_HELD(S, R) \
+TF_FN float tf_div_floor_held_##S(float a, float b) { \
+  TF_DIV_FLOOR_BODY(float, f, TF_QUOTIENT, R) \
+} \
+TF_FN float tf_div_floor_rcp_held_##S(float a, float b, float inverse) { \
+  TF_DIV_FLOOR_BODY(float, f, TF_TIMES_INVERSE, R) \
+}
+TF_DIV_FLOOR_HELD(f16, tf_round_f16)
+TF_DIV_FLOOR_HELD(bf16, tf_round_bf16)"""),
     (("_u8(", "_i8(", "_i16(", "_i32(", "_i64("), r"""
 #define TF_INT_HELPERS(t, T, U, BITS) \
 TF_FN T tf_div_trunc_##t(T a, T b, int* err) { \
@@ -183,6 +203,7 @@ class TypedGraph:
     graph: FusionGraph
     dtypes: tuple[torch.dtype, ...]
     selected: tuple[ops.Selected, ...]  # one per op
+    scalar: tuple[bool, ...] = ()  # per value: one element, the same everywhere (TensorDesc)
 
 
 def _is_float32(value: float) -> bool:
@@ -265,14 +286,15 @@ class CStyleRenderer:
 
     # ---- the body: one statement per op ---------------------------------------------------
 
-    def _operand(self, operand, cast: torch.dtype | None, dtypes: Sequence[torch.dtype]):
+    def _operand(self, operand, cast: torch.dtype | None, typed: TypedGraph):
         if operand is None:
             return None
         if isinstance(operand, Const):
             value = operand.value
-            return ops.Operand(self.literal(value, cast), const=value, dtype=cast)
-        src = dtypes[operand.id]
-        return ops.Operand(self.convert(f"v{operand.id}", src, cast), dtype=src)
+            return ops.Operand(self.literal(value, cast), const=value, dtype=cast, scalar=True)
+        src = typed.dtypes[operand.id]
+        scalar = bool(typed.scalar) and typed.scalar[operand.id]
+        return ops.Operand(self.convert(f"v{operand.id}", src, cast), dtype=src, scalar=scalar)
 
     def op_expr(self, typed: TypedGraph, k: int) -> str:
         """The C expression of op ``k``, converted to its output dtype."""
@@ -285,7 +307,7 @@ class CStyleRenderer:
         graph, dtypes, selected = typed.graph, typed.dtypes, typed.selected[k]
         op = graph.ops[k]
         out = dtypes[graph.n_inputs + k]
-        operands = [self._operand(o, c, dtypes) for o, c in zip(op.operands, selected.casts)]
+        operands = [self._operand(o, c, typed) for o, c in zip(op.operands, selected.casts)]
         compute = selected.compute
         ctx = ops.Ctx(
             compute=compute,

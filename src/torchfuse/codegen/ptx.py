@@ -99,7 +99,10 @@ _MATH1 = ("acos", "asin", "atan", "acosh", "asinh", "atanh", "cos", "cosh", "exp
           "tan", "tanh", "exp2", "ceil", "floor", "trunc", "rint", "fabs")
 _MATH2 = ("atan2", "hypot", "copysign", "pow", "fmod", "fmax", "fmin", "tf_max", "tf_min",
           "tf_remainder", "tf_div_floor", "tf_logaddexp")
-_FLOAT1 = ("tf_sigmoid_f16", "tf_sigmoid_bf16")  # float of float: the device preamble's
+_MATH3 = ("tf_div_floor_rcp",)
+_FLOAT = {"tf_sigmoid_f16": 1, "tf_sigmoid_bf16": 1,  # float of floats: name -> arity
+          "tf_div_floor_held_f16": 2, "tf_div_floor_held_bf16": 2,
+          "tf_div_floor_rcp_held_f16": 3, "tf_div_floor_rcp_held_bf16": 3}
 _CLASSIFY = ("signbit", "isinf")  # bool of a float or double (C++ overloads)
 _INT_HELPERS = ("tf_pow", "tf_shl", "tf_shr")  # T of (T, T), per integer tag
 
@@ -117,19 +120,19 @@ class Function:
 
 def _functions() -> dict[str, Function]:
     found: dict[str, Function] = {}
-    for name in _MATH1 + _MATH2:
-        arity = 1 if name in _MATH1 else 2
+    def wrapper(name: str, symbol: str, t: CType, c: str, arity: int) -> Function:
+        params = ", ".join(f"{c} {x}" for x in "abc"[:arity])
+        call = f"{name}({', '.join('abc'[:arity])})"
+        return Function(symbol, t, (t,) * arity,
+                        f'extern "C" __device__ {c} {symbol}({params}) {{ return {call}; }}')
+
+    for name in _MATH1 + _MATH2 + _MATH3:
+        arity = 1 if name in _MATH1 else 2 if name in _MATH2 else 3
         for suffix, t, c in (("f", FLOAT, "float"), ("", DOUBLE, "double")):
-            symbol = f"tf_lib_{name}{suffix}"
-            params = ", ".join(f"{c} {x}" for x in "ab"[:arity])
-            call = f"{name}{suffix}({', '.join('ab'[:arity])})"
-            found[f"{name}{suffix}"] = Function(
-                symbol, t, (t,) * arity,
-                f'extern "C" __device__ {c} {symbol}({params}) {{ return {call}; }}')
-    for name in _FLOAT1:
-        symbol = f"tf_lib_{name[3:]}"
-        found[name] = Function(symbol, FLOAT, (FLOAT,), f'extern "C" __device__ float '
-                               f"{symbol}(float a) {{ return {name}(a); }}")
+            found[f"{name}{suffix}"] = wrapper(f"{name}{suffix}", f"tf_lib_{name}{suffix}", t, c,
+                                               arity)
+    for name, arity in _FLOAT.items():
+        found[name] = wrapper(name, f"tf_lib_{name[3:]}", FLOAT, "float", arity)
     for name in _CLASSIFY:
         for t, c in ((FLOAT, "float"), (DOUBLE, "double")):
             symbol = f"tf_lib_{name}_{c}"
