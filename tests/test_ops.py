@@ -404,7 +404,7 @@ def test_floor_division_is_eagers_bit_for_bit(device, dtype):
             for y in (one, one.reshape(1)):
                 for program in (fn, lambda x, y, fn=fn: fn(x, y * 2)):
                     assert_same_bits(run_registered(program, a, y)[0], program(a, y))
-            by_number = lambda x, divisor=divisor: fn(x, divisor)  # noqa: E731
+            by_number = lambda x, fn=fn, divisor=divisor: fn(x, divisor)  # noqa: E731
             assert_same_bits(run_registered(by_number, a)[0], by_number(a))
     x, y = (torch.tensor([v], dtype=dtype, device=device) for v in (-3.888671875, 5.703e-4))
     assert_same_bits(run_registered(floor, x, y)[0], floor(x, y))  # one element: scalars all

@@ -157,7 +157,8 @@ def _div_floor_cuda(ctx: Ctx, a: Operand, b: Operand) -> str:
     """Floor division as CUDA eager computes it: c10's div_floor_floating on the tensors' own
     types, so float16/bfloat16 take the quotient in float and hold its floor in the 16-bit type
     (in float throughout, 41 of 262144 float16 quotients differed); by a Python number, the
-    quotient is the product with the number's reciprocal, in float (double for double)."""
+    quotient is the product with the reciprocal of the number as a float (a double for double;
+    true division takes the double's reciprocal). A one-element CUDA tensor divides as a tensor."""
     held = {torch.float16: "_held_f16", torch.bfloat16: "_held_bf16"}.get(ctx.compute, ctx.f)
     if b.const is None or isinstance(b.const, bool):
         return f"tf_div_floor{held}({a}, {b})"
