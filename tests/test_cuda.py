@@ -819,8 +819,8 @@ def test_division_by_a_number_is_eagers_bit_for_bit(device, dtype):
 
 def test_cuda_divides_by_a_number_as_a_product_with_its_reciprocal():
     """The double's reciprocal rounded to the compute type, as eager's CUDA kernel takes it; a
-    tensor divisor and truncation keep the division; floor division multiplies by the float
-    reciprocal of the float divisor (eager's div_floor_kernel_cuda)."""
+    tensor divisor keeps the division; floor and truncating division multiply by the float
+    reciprocal of the float divisor (eager's div_floor_kernel_cuda, div_trunc_kernel_cuda)."""
     x = torch.randn(64)
     assert "v0 * 0.3333333432674408f" in _source(lambda a: a / 3, x)
     assert "v0 * 0.3333333333333333;" in _source(lambda a: a / 3, x.double())
@@ -830,7 +830,8 @@ def test_cuda_divides_by_a_number_as_a_product_with_its_reciprocal():
     assert "v0 / v1" in _source(lambda a, b: a / b, x, torch.randn(64))
     floor = _source(lambda a: torch.div(a, 7.0, rounding_mode="floor"), x)
     assert "tf_div_floor_rcpf(v0, 7.0f, 0.1428571492433548f)" in floor
-    assert "v0 / 3.0f" in _source(lambda a: torch.div(a, 3.0, rounding_mode="trunc"), x)
+    trunc = _source(lambda a: torch.div(a, 3.0, rounding_mode="trunc"), x)
+    assert "truncf(v0 * 0.3333333432674408f)" in trunc
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])

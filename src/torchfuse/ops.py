@@ -50,6 +50,9 @@ class Operand:
     const: Any = None  # the Python value when the operand is a constant, else None
     dtype: torch.dtype | None = None  # the operand's own dtype (before casting)
     scalar: bool = False  # the same value at every element: a constant or a one-element tensor
+    original: str = ""
+    """A wider operand (a 0-d float32 tensor, say) of a float16/bfloat16 computation before its
+    rounding to that type, in float; empty where the two are the same."""
 
     def __str__(self) -> str:
         return self.expr
@@ -102,7 +105,12 @@ class OpDef:
     check: Callable[[dict], str | None] | None = None
     """attributes -> the reason this call is not fused, or None."""
     cuda: dict = dataclasses.field(default_factory=dict)
-    """Per type class, an expression that replaces the C one in CUDA source."""
+    """Per type class, an expression that replaces the C one in CUDA source; under "narrow",
+    CUDA's positions for ``narrow``."""
+    narrow: tuple[int, ...] = ()
+    """The operand positions where eager reads a Python number in a float16/bfloat16 tensor's
+    own type (TensorIterator converts it to the common dtype); elsewhere a number keeps its
+    value in float (the kernel reads its original_scalar_value, as an opmath scalar)."""
     pair: str | Render | None = None
     """CUDA, float16/bfloat16 computed as such: the op on two elements packed in one 32-bit word
     (``{t}`` is ``h`` or ``bf``), rounding once. Only for ops whose float result of two halves,
@@ -114,16 +122,28 @@ class OpDef:
             return self.cuda[cls]
         return getattr(self, cls)
 
+    def narrowed(self, cuda: bool = False) -> tuple[int, ...]:
+        return self.cuda.get("narrow", self.narrow) if cuda else self.narrow
+
 
 # --- render functions for the ops a template cannot say -------------------------------------------
 
 
+def _scalar(ctx: Ctx, b: Operand) -> str:
+    """The second operand as eager's CPU kernels for mul and the divisions read a scalar there
+    (a one-element tensor; is_scalar(2)) in float16/bfloat16: its original value, in float."""
+    return b.original if b.scalar and b.original and not ctx.cuda else b.expr
+
+
 def _axpy(sign: str, swap: bool = False) -> dict:
-    """add / sub / rsub: a (+|-) alpha * b, wrapping for integers."""
+    """add / sub / rsub: a (+|-) alpha * b, wrapping for integers. An alpha other than 1 is a
+    fused multiply-add, as eager's CPU vector code (vec::fmadd) and nvcc's contraction have it."""
 
     def f(ctx: Ctx, a: Operand, b: Operand, alpha: Operand) -> str:
         a, b = (b, a) if swap else (a, b)
-        return f"{a} {sign} {b}" if alpha.is_const(1) else f"{a} {sign} {alpha} * {b}"
+        if alpha.is_const(1):
+            return f"{a} {sign} {b}"
+        return f"fma{ctx.f}({'-' if sign == '-' else ''}{alpha}, {b}, {a})"
 
     def i(ctx: Ctx, a: Operand, b: Operand, alpha: Operand) -> str:
         a, b = (b, a) if swap else (a, b)
@@ -150,7 +170,7 @@ def _div_floor(ctx: Ctx, a: Operand, b: Operand) -> str:
     rounding step."""
     if ctx.compute in HALF_DTYPES and not b.scalar:
         return f"tf_div_floor_steps_{'f16' if ctx.compute == torch.float16 else 'bf16'}({a}, {b})"
-    return ctx.fmt("tf_div_floor{f}({a}, {b})", (a, b))
+    return f"tf_div_floor{ctx.f}({a}, {_scalar(ctx, b)})"
 
 
 def _div_floor_cuda(ctx: Ctx, a: Operand, b: Operand) -> str:
@@ -167,12 +187,24 @@ def _div_floor_cuda(ctx: Ctx, a: Operand, b: Operand) -> str:
     return f"tf_div_floor_rcp{held}({a}, {b}, {ctx.literal(inverse)})"
 
 
+def _div_trunc(ctx: Ctx, a: Operand, b: Operand) -> str:
+    """Truncating division: the float16/bfloat16 quotient rounded, then truncated, as eager's
+    kernels divide by a tensor; by a scalar (the CPU's one-element tensor or number, CUDA's
+    number: the product with its float reciprocal) the float quotient is truncated."""
+    if ctx.cuda and b.const is not None and not isinstance(b.const, bool):
+        wide = torch.float64 if ctx.T == "double" else torch.float32  # eager's accscalar type
+        inverse = (1 / torch.tensor(float(b.const), dtype=wide)).item()
+        return f"trunc{ctx.f}({a} * {ctx.literal(inverse)})"
+    if b.scalar and not ctx.cuda:
+        return f"trunc{ctx.f}({a} / {_scalar(ctx, b)})"
+    return f"trunc{ctx.f}({ctx.narrow(f'{a} / {b}')})"
+
+
 def _div_mode(mode: str | None) -> dict:
     if mode is None:
-        return {"f": "{a} / {b}"}
+        return {"f": lambda ctx, a, b: f"{a} / {_scalar(ctx, b)}"}
     if mode == "trunc":
-        return {"f": lambda ctx, a, b: f"trunc{ctx.f}({ctx.narrow(f'{a} / {b}')})",
-                "i": "tf_div_trunc_{t}({a}, {b}, &err)"}
+        return {"f": _div_trunc, "i": "tf_div_trunc_{t}({a}, {b}, &err)"}
     return {"f": _div_floor, "i": "tf_div_floor_{t}({a}, {b}, &err)"}
 
 
@@ -221,7 +253,7 @@ def _pow_f(ctx: Ctx, a: Operand, b: Operand) -> str:
     exponent = None if b.const is None else float(b.const)
     half = ctx.compute in HALF_DTYPES
     if half and exponent is not None:  # eager's exp_scalar.to<scalar_t>(): 2.7 is 2.69921875
-        exponent = _rounded(exponent, ctx.compute)
+        exponent = rounded(exponent, ctx.compute)
         b = Operand(ctx.literal(exponent), exponent, b.dtype)
     # Eager special-cases these exponents (pow_tensor_scalar_optimized_kernel), except for
     # float16 on the CPU; sqrt and pow differ at -inf, so there ±0.5 stay pow.
@@ -317,15 +349,15 @@ def _logit(ctx: Ctx, a: Operand) -> str:
     narrow = ctx.narrow if stepwise else lambda expr: expr
     eps, z = ctx.attrs.get("eps"), a
     if eps is not None:
-        lo = _rounded(eps, ctx.compute) if stepwise else eps
-        hi = _rounded(1 - lo, ctx.compute) if stepwise else 1 - eps
+        lo = rounded(eps, ctx.compute) if stepwise else eps
+        hi = rounded(1 - lo, ctx.compute) if stepwise else 1 - eps
         lo, hi = ctx.literal(lo), ctx.literal(hi)
         z = f"({a} < {lo} ? {lo} : ({a} > {hi} ? {hi} : {a}))"
     complement = narrow(f"1 - {z}")
     return f"log{ctx.f}({narrow(f'{z} / ({complement})')})"
 
 
-def _rounded(value: float, dtype: torch.dtype) -> float:
+def rounded(value: float, dtype: torch.dtype) -> float:
     """A Python number as eager's Scalar.to<scalar_t>() gives it for ``dtype`` (via float)."""
     return torch.tensor(value, dtype=torch.float32).to(dtype).item()
 
@@ -340,7 +372,7 @@ def _threshold_cuda(template: str, bound: int) -> Render:
     def render(ctx: Ctx, *operands: Operand) -> str:
         threshold = operands[bound]
         if threshold.const is not None and ctx.compute in HALF_DTYPES:
-            value = _rounded(float(threshold.const), ctx.compute)
+            value = rounded(float(threshold.const), ctx.compute)
             operands = (*operands[:bound], Operand(ctx.literal(value), value, threshold.dtype),
                         *operands[bound + 1:])
         return ctx.fmt(template, operands)
@@ -404,7 +436,7 @@ def _fn(name: str, expr: str | None = None, packets: tuple[str, ...] | None = No
 
 def _cmp(name: str, op: str) -> OpDef:
     return OpDef(name, (name,), f=f"{{a}} {op} {{b}}", i=f"{{a}} {op} {{b}}",
-                 b=f"{{a}} {op} {{b}}", compute="common", boolean=True)
+                 b=f"{{a}} {op} {{b}}", compute="common", boolean=True, narrow=(0, 1))
 
 
 _SIGMOID = "1 / (1 + exp{f}(-{a}))"
@@ -468,17 +500,22 @@ OPS: tuple[OpDef, ...] = (
     OpDef("isneginf", ("isneginf",), f="{a} == -INFINITY", i="0", b="0", compute="none",
           boolean=True),
     # arithmetic
-    OpDef("add", ("add",), **_axpy("+")),
-    OpDef("sub", ("sub",), **_axpy("-")),
-    OpDef("rsub", ("rsub",), **_axpy("-", swap=True)),
-    OpDef("mul", ("mul",), f="{a} * {b}", i=_WRAP_MUL, b="{a} && {b}", pair="tf_{t}mul2({a}, {b})"),
-    OpDef("div", ("div",), f=_div("f"), i=_div("i"), check=_check_div, cuda={"f": _div_cuda}),
+    # narrow: where eager reads a Python number in the 16-bit type (measured, per device; the
+    # CPU also rounds add's alpha)
+    OpDef("add", ("add",), **_axpy("+"), narrow=(0, 1, 2), cuda={"narrow": ()}),
+    OpDef("sub", ("sub",), **_axpy("-"), narrow=(0, 1, 2), cuda={"narrow": ()}),
+    OpDef("rsub", ("rsub",), **_axpy("-", swap=True), narrow=(0, 1, 2), cuda={"narrow": ()}),
+    OpDef("mul", ("mul",), f=lambda ctx, a, b: f"{a} * {_scalar(ctx, b)}", i=_WRAP_MUL,
+          b="{a} && {b}", pair="tf_{t}mul2({a}, {b})", narrow=(0,), cuda={"narrow": ()}),
+    OpDef("div", ("div",), f=_div("f"), i=_div("i"), check=_check_div, cuda={"f": _div_cuda},
+          narrow=(0,)),
     OpDef("floor_divide", ("floor_divide",), f=_div_floor, cuda={"f": _div_floor_cuda},
-          i="tf_div_floor_{t}({a}, {b}, &err)"),
+          i="tf_div_floor_{t}({a}, {b}, &err)", narrow=(0,)),
     OpDef("remainder", ("remainder",), f="tf_remainder{f}({a}, {b})",
-          i="tf_remainder_{t}({a}, {b}, &err)"),
-    OpDef("fmod", ("fmod",), f="fmod{f}({a}, {b})", i="tf_fmod_{t}({a}, {b}, &err)"),
-    OpDef("pow", ("pow",), f=_pow_f, i="tf_pow_{t}({a}, {b})"),
+          i="tf_remainder_{t}({a}, {b}, &err)", narrow=(0, 1)),
+    OpDef("fmod", ("fmod",), f="fmod{f}({a}, {b})", i="tf_fmod_{t}({a}, {b}, &err)",
+          narrow=(0, 1)),
+    OpDef("pow", ("pow",), f=_pow_f, i="tf_pow_{t}({a}, {b})", narrow=(0,)),
     OpDef("maximum", ("maximum",), f="tf_max{f}({a}, {b})", i="TF_MAX({a}, {b})",
           b="{a} || {b}"),
     OpDef("minimum", ("minimum",), f="tf_min{f}({a}, {b})", i="TF_MIN({a}, {b})",
@@ -501,8 +538,9 @@ OPS: tuple[OpDef, ...] = (
                                ": fma{f}(-({b} - {a}), 1 - {c}, {b})"),
     OpDef("addcmul", ("addcmul",), f="fma{f}({d} * {b}, {c}, {a})",  # the CPU's vector code
           i="({T})(({U}){a} + ({U}){d} * ({U}){b} * ({U}){c})",
-          cuda={"f": "{a} + {d} * {b} * {c}"}),
-    OpDef("addcdiv", ("addcdiv",), f="{a} + {d} * {b} / {c}"),
+          cuda={"f": "fma{f}({d}, {b} * {c}, {a})"}),  # a + value * (b * c), contracted
+    OpDef("addcdiv", ("addcdiv",), f="{a} + {d} * {b} / {c}",
+          cuda={"f": "fma{f}({d}, {b} / {c}, {a})"}),
     # comparisons and logic
     _cmp("eq", "=="), _cmp("ne", "!="), _cmp("lt", "<"), _cmp("le", "<="), _cmp("gt", ">"),
     _cmp("ge", ">="),
@@ -627,6 +665,7 @@ class Selected:
     template: str | Render
     compute: torch.dtype  # the dtype the expression computes in
     casts: tuple[torch.dtype | None, ...]  # per operand: the dtype it is cast to first
+    narrow: tuple[int, ...] = ()  # the operands whose numbers round to a 16-bit compute type
 
 
 def _dtype_of(value: Any) -> torch.dtype | None:
@@ -665,4 +704,4 @@ def select(target: Any, attrs: dict, operands: Sequence[Any], out: torch.dtype,
     template = op.template(type_class(compute), cuda)
     if template is None:
         raise Unsupported(f"{op.name} is not fused for {compute}")
-    return Selected(op, template, compute, tuple(casts))
+    return Selected(op, template, compute, tuple(casts), op.narrowed(cuda))

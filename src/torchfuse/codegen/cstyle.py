@@ -286,15 +286,24 @@ class CStyleRenderer:
 
     # ---- the body: one statement per op ---------------------------------------------------
 
-    def _operand(self, operand, cast: torch.dtype | None, typed: TypedGraph):
+    def _operand(self, operand, cast: torch.dtype | None, typed: TypedGraph, narrow: bool):
+        """One operand in the compute type ``cast``. A number keeps its value in float where
+        the compute type is float16/bfloat16 (eager's opmath scalar), but where ``narrow``
+        (ops.OpDef.narrow) it is rounded to that type first."""
         if operand is None:
             return None
         if isinstance(operand, Const):
             value = operand.value
+            if narrow and cast in ops.HALF_DTYPES and not isinstance(value, bool):
+                value = ops.rounded(value, cast)
             return ops.Operand(self.literal(value, cast), const=value, dtype=cast, scalar=True)
         src = typed.dtypes[operand.id]
         scalar = bool(typed.scalar) and typed.scalar[operand.id]
-        return ops.Operand(self.convert(f"v{operand.id}", src, cast), dtype=src, scalar=scalar)
+        original = ""
+        if cast in ops.HALF_DTYPES and src not in (cast, torch.bool):
+            original = self.convert(f"v{operand.id}", src, torch.float32)
+        return ops.Operand(self.convert(f"v{operand.id}", src, cast), dtype=src, scalar=scalar,
+                           original=original)
 
     def op_expr(self, typed: TypedGraph, k: int) -> str:
         """The C expression of op ``k``, converted to its output dtype."""
@@ -307,7 +316,8 @@ class CStyleRenderer:
         graph, dtypes, selected = typed.graph, typed.dtypes, typed.selected[k]
         op = graph.ops[k]
         out = dtypes[graph.n_inputs + k]
-        operands = [self._operand(o, c, typed) for o, c in zip(op.operands, selected.casts)]
+        operands = [self._operand(o, c, typed, p in selected.narrow)
+                    for p, (o, c) in enumerate(zip(op.operands, selected.casts))]
         compute = selected.compute
         ctx = ops.Ctx(
             compute=compute,
