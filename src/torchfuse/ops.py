@@ -57,6 +57,11 @@ class Operand:
     def __str__(self) -> str:
         return self.expr
 
+    @property
+    def number(self) -> bool:
+        """A Python number (not a bool): what eager's kernels may read as a CPU scalar."""
+        return self.const is not None and not isinstance(self.const, bool)
+
     def is_const(self, value: float) -> bool:
         return self.const is not None and not isinstance(self.const, bool) and self.const == value
 
@@ -173,6 +178,13 @@ def _div_floor(ctx: Ctx, a: Operand, b: Operand) -> str:
     return f"tf_div_floor{ctx.f}({a}, {_scalar(ctx, b)})"
 
 
+def _float_reciprocal(ctx: Ctx, b: Operand) -> str:
+    """1 / a Python number as CUDA's floor and truncating divisions take it: in float (double
+    for double), of the number as a float; true division takes the double's (_div_cuda)."""
+    wide = torch.float64 if ctx.T == "double" else torch.float32  # eager's accscalar type
+    return ctx.literal((1 / torch.tensor(float(b.const), dtype=wide)).item())
+
+
 def _div_floor_cuda(ctx: Ctx, a: Operand, b: Operand) -> str:
     """Floor division as CUDA eager computes it: c10's div_floor_floating on the tensors' own
     types, so float16/bfloat16 take the quotient in float and hold its floor in the 16-bit type
@@ -180,21 +192,17 @@ def _div_floor_cuda(ctx: Ctx, a: Operand, b: Operand) -> str:
     quotient is the product with the reciprocal of the number as a float (a double for double;
     true division takes the double's reciprocal). A one-element CUDA tensor divides as a tensor."""
     held = {torch.float16: "_held_f16", torch.bfloat16: "_held_bf16"}.get(ctx.compute, ctx.f)
-    if b.const is None or isinstance(b.const, bool):
+    if not b.number:
         return f"tf_div_floor{held}({a}, {b})"
-    wide = torch.float64 if ctx.T == "double" else torch.float32  # eager's accscalar type
-    inverse = (1 / torch.tensor(float(b.const), dtype=wide)).item()
-    return f"tf_div_floor_rcp{held}({a}, {b}, {ctx.literal(inverse)})"
+    return f"tf_div_floor_rcp{held}({a}, {b}, {_float_reciprocal(ctx, b)})"
 
 
 def _div_trunc(ctx: Ctx, a: Operand, b: Operand) -> str:
     """Truncating division: the float16/bfloat16 quotient rounded, then truncated, as eager's
     kernels divide by a tensor; by a scalar (the CPU's one-element tensor or number, CUDA's
     number: the product with its float reciprocal) the float quotient is truncated."""
-    if ctx.cuda and b.const is not None and not isinstance(b.const, bool):
-        wide = torch.float64 if ctx.T == "double" else torch.float32  # eager's accscalar type
-        inverse = (1 / torch.tensor(float(b.const), dtype=wide)).item()
-        return f"trunc{ctx.f}({a} * {ctx.literal(inverse)})"
+    if ctx.cuda and b.number:
+        return f"trunc{ctx.f}({a} * {_float_reciprocal(ctx, b)})"
     if b.scalar and not ctx.cuda:
         return f"trunc{ctx.f}({a} / {_scalar(ctx, b)})"
     return f"trunc{ctx.f}({ctx.narrow(f'{a} / {b}')})"
@@ -227,7 +235,7 @@ def _div_cuda(ctx: Ctx, a: Operand, b: Operand) -> str:
     -1000.0, not by 1 / -0.001f = -999.99994, and x / 1e39 by 1e-39, not by 1 / inf."""
     if ctx.attrs.get("rounding_mode") == "floor":
         return _div_floor_cuda(ctx, a, b)
-    if ctx.attrs.get("rounding_mode") is not None or b.const is None or isinstance(b.const, bool):
+    if ctx.attrs.get("rounding_mode") is not None or not b.number:
         return _div("f")(ctx, a, b)
     inverse = 1 / torch.tensor(float(b.const), dtype=torch.float64)
     compute = torch.float64 if ctx.T == "double" else torch.float32  # eager's opmath type
@@ -250,11 +258,8 @@ _POW_SPECIAL_16 = {3.0: "{r} * {a}", -2.0: "1 / {r}"}
 
 
 def _pow_f(ctx: Ctx, a: Operand, b: Operand) -> str:
-    exponent = None if b.const is None else float(b.const)
+    exponent = None if b.const is None else float(b.const)  # narrowed: 2.7 is 2.69921875
     half = ctx.compute in HALF_DTYPES
-    if half and exponent is not None:  # eager's exp_scalar.to<scalar_t>(): 2.7 is 2.69921875
-        exponent = rounded(exponent, ctx.compute)
-        b = Operand(ctx.literal(exponent), exponent, b.dtype)
     # Eager special-cases these exponents (pow_tensor_scalar_optimized_kernel), except for
     # float16 on the CPU; sqrt and pow differ at -inf, so there ±0.5 stay pow.
     special = ctx.cuda or ctx.compute != torch.float16 or abs(exponent or 0.5) != 0.5
@@ -360,24 +365,6 @@ def _logit(ctx: Ctx, a: Operand) -> str:
 def rounded(value: float, dtype: torch.dtype) -> float:
     """A Python number as eager's Scalar.to<scalar_t>() gives it for ``dtype`` (via float)."""
     return torch.tensor(value, dtype=torch.float32).to(dtype).item()
-
-
-_THRESHOLD, _THRESHOLD_BACKWARD = "{a} <= {b} ? {c} : {a}", "{b} <= {c} ? 0 : {a}"
-
-
-def _threshold_cuda(template: str, bound: int) -> Render:
-    """CUDA eager compares with the threshold in the tensor's own type (threshold.to<scalar_t>()):
-    rounded to float16/bfloat16 first (bfloat16's 0.1 is 0.10009765625, which the CPU's float
-    comparison puts above 0.1)."""
-    def render(ctx: Ctx, *operands: Operand) -> str:
-        threshold = operands[bound]
-        if threshold.const is not None and ctx.compute in HALF_DTYPES:
-            value = rounded(float(threshold.const), ctx.compute)
-            operands = (*operands[:bound], Operand(ctx.literal(value), value, threshold.dtype),
-                        *operands[bound + 1:])
-        return ctx.fmt(template, operands)
-
-    return render
 
 
 _FINFO_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.3895313892515355e38}
@@ -515,7 +502,7 @@ OPS: tuple[OpDef, ...] = (
           i="tf_remainder_{t}({a}, {b}, &err)", narrow=(0, 1)),
     OpDef("fmod", ("fmod",), f="fmod{f}({a}, {b})", i="tf_fmod_{t}({a}, {b}, &err)",
           narrow=(0, 1)),
-    OpDef("pow", ("pow",), f=_pow_f, i="tf_pow_{t}({a}, {b})", narrow=(0,)),
+    OpDef("pow", ("pow",), f=_pow_f, i="tf_pow_{t}({a}, {b})", narrow=(0, 1)),
     OpDef("maximum", ("maximum",), f="tf_max{f}({a}, {b})", i="TF_MAX({a}, {b})",
           b="{a} || {b}"),
     OpDef("minimum", ("minimum",), f="tf_min{f}({a}, {b})", i="TF_MIN({a}, {b})",
@@ -529,10 +516,11 @@ OPS: tuple[OpDef, ...] = (
           i="TF_MIN({a}, {b})", cuda={"f": lambda ctx, a, b: _clamp_lone_bound(ctx, a, None, b)}),
     OpDef("hardtanh", ("hardtanh",), f="tf_min{f}(tf_max{f}({a}, {b}), {c})",
           i="TF_MIN(TF_MAX({a}, {b}), {c})"),
-    OpDef("threshold", ("threshold",), f=_THRESHOLD, i=_THRESHOLD,
-          cuda={"f": _threshold_cuda(_THRESHOLD, 1)}),
-    OpDef("threshold_backward", ("threshold_backward",), f=_THRESHOLD_BACKWARD,
-          i=_THRESHOLD_BACKWARD, cuda={"f": _threshold_cuda(_THRESHOLD_BACKWARD, 2)}),
+    # CUDA eager compares with threshold.to<scalar_t>(): bfloat16's 0.1 is 0.10009765625
+    OpDef("threshold", ("threshold",), f="{a} <= {b} ? {c} : {a}", i="{a} <= {b} ? {c} : {a}",
+          cuda={"narrow": (1,)}),
+    OpDef("threshold_backward", ("threshold_backward",), f="{b} <= {c} ? 0 : {a}",
+          i="{b} <= {c} ? 0 : {a}", cuda={"narrow": (2,)}),
     # eager's two branches, each one fma (the CPU's vector code, nvcc's contraction on CUDA)
     OpDef("lerp", ("lerp",), f="fabs{f}({c}) < 0.5 ? fma{f}({c}, {b} - {a}, {a}) "
                                ": fma{f}(-({b} - {a}), 1 - {c}, {b})"),

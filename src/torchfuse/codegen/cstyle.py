@@ -203,7 +203,7 @@ class TypedGraph:
     graph: FusionGraph
     dtypes: tuple[torch.dtype, ...]
     selected: tuple[ops.Selected, ...]  # one per op
-    scalar: tuple[bool, ...] = ()  # per value: one element, the same everywhere (TensorDesc)
+    scalar: tuple[bool, ...]  # per value: one element, the same everywhere (TensorDesc.scalar)
 
 
 def _is_float32(value: float) -> bool:
@@ -298,7 +298,7 @@ class CStyleRenderer:
                 value = ops.rounded(value, cast)
             return ops.Operand(self.literal(value, cast), const=value, dtype=cast, scalar=True)
         src = typed.dtypes[operand.id]
-        scalar = bool(typed.scalar) and typed.scalar[operand.id]
+        scalar = typed.scalar[operand.id]
         original = ""
         if cast in ops.HALF_DTYPES and src not in (cast, torch.bool):
             original = self.convert(f"v{operand.id}", src, torch.float32)
