@@ -240,6 +240,33 @@ def test_chunked_integer_division_by_zero_raises_eagers_error():
         compiled(x)
 
 
+@pytest.mark.parametrize("fn", [
+    lambda x: torch.sub(x > 0, 1.5, alpha=0.5) * x,
+    lambda x: torch.rsub(x.exp() > 1, 2.0) + x,
+    lambda x: (torch.sub(x, True) * 2).exp(),
+])
+def test_subtracting_a_bool_raises_eagers_error(fn):
+    # Fake tensors let some of these through (Inductor computes them); eager refuses a bool.
+    x = make_input((5, 4), torch.float32)
+    with pytest.raises(RuntimeError, match="Subtraction"):
+        fn(x)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="Subtraction"):
+        torch.compile(fn, backend="torchfuse")(x)
+
+
+def test_ops_on_numbers_alone_stay_eager():
+    # Dynamo decomposes addcdiv of two numbers into div(-1, 3.0) and a mul: no tensor operand.
+    # Beside a complex x (not fused) they made a group of their own with no input, which failed.
+    def f(x):
+        return torch.addcdiv(x, -1, 3.0, value=2) * 2
+    x = torch.randn(4, dtype=torch.complex64)
+    torch._dynamo.reset()
+    want = torch.compile(f, backend="aot_eager")(x)
+    torch._dynamo.reset()
+    assert_same(torch.compile(f, backend="torchfuse")(x), want)
+
+
 def _compile_spying_unwrap(fn, monkeypatch, **options):
     """fn compiled with torchfuse, and a list of what ``_unwrappable`` answered meanwhile."""
     answers = []

@@ -58,6 +58,10 @@ def test_outputs_of_different_shapes(device):
     assert_matches_eager(fn, small, big)
     assert_matches_eager(fn, make_input((5, 1), torch.float32, device), big[:, :1].expand(5, 7))
     assert_matches_eager(fn, make_input((), torch.float32, device), big)
+    # an empty input: the small input's outputs still have elements (eager's values, not
+    # uninitialised memory)
+    assert_matches_eager(fn, small, big[:0])
+    assert_matches_eager(fn, make_input((), torch.float32, device), big[:, :0])
 
 
 def test_output_that_is_an_input(device):

@@ -408,6 +408,9 @@ def _layout(spec, shapes, input_strides, device_key, dtypes, default) -> tuple:
     # transposed output); partial ones are contiguous in their own shape.
     full = output_strides(shape, strides) or _contiguous_strides(shape)
     partial = [_broadcast([shapes[i] for i in sorted(deps)]) for deps in spec.output_deps]
+    if 0 in shape and any(math.prod(s) for s in partial):
+        # the kernel walks the (empty) iteration space, so it would write none of them
+        raise NoKernel("an output has elements where the inputs' broadcast shape has none")
     outs = [
         (tuple(shape), tuple(full)) if deps == every else (tuple(s), tuple(_contiguous_strides(s)))
         for deps, s in zip(spec.output_deps, partial)

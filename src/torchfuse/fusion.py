@@ -80,6 +80,8 @@ def node_reason(node: torch.fx.Node) -> str | None:
         elif operand is not None and not isinstance(operand, (bool, int, float)):
             return f"operand of type {type(operand).__name__}"
         values.append(operand)
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return "no tensor operand (a computation on numbers)"
     try:
         ops.select(node.target, attrs, values, val.dtype, cuda=val.device.type == "cuda")
     except ops.Unsupported as error:

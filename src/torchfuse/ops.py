@@ -116,6 +116,9 @@ class OpDef:
     """The operand positions where eager reads a Python number in a float16/bfloat16 tensor's
     own type (TensorIterator converts it to the common dtype); elsewhere a number keeps its
     value in float (the kernel reads its original_scalar_value, as an opmath scalar)."""
+    refuses_bool: bool = False
+    """Eager raises where an operand is a bool (sub: "Subtraction, the `-` operator, with a bool
+    tensor is not supported"), so such a call stays eager's, error and all."""
     pair: str | Render | None = None
     """CUDA, float16/bfloat16 computed as such: the op on two elements packed in one 32-bit word
     (``{t}`` is ``h`` or ``bf``), rounding once. Only for ops whose float result of two halves,
@@ -490,8 +493,10 @@ OPS: tuple[OpDef, ...] = (
     # narrow: where eager reads a Python number in the 16-bit type (measured, per device; the
     # CPU also rounds add's alpha)
     OpDef("add", ("add",), **_axpy("+"), narrow=(0, 1, 2), cuda={"narrow": ()}),
-    OpDef("sub", ("sub",), **_axpy("-"), narrow=(0, 1, 2), cuda={"narrow": ()}),
-    OpDef("rsub", ("rsub",), **_axpy("-", swap=True), narrow=(0, 1, 2), cuda={"narrow": ()}),
+    OpDef("sub", ("sub",), **_axpy("-"), narrow=(0, 1, 2), cuda={"narrow": ()},
+          refuses_bool=True),
+    OpDef("rsub", ("rsub",), **_axpy("-", swap=True), narrow=(0, 1, 2), cuda={"narrow": ()},
+          refuses_bool=True),
     OpDef("mul", ("mul",), f=lambda ctx, a, b: f"{a} * {_scalar(ctx, b)}", i=_WRAP_MUL,
           b="{a} && {b}", pair="tf_{t}mul2({a}, {b})", narrow=(0,), cuda={"narrow": ()}),
     OpDef("div", ("div",), f=_div("f"), i=_div("i"), check=_check_div, cuda={"f": _div_cuda},
@@ -677,6 +682,8 @@ def select(target: Any, attrs: dict, operands: Sequence[Any], out: torch.dtype,
     if reason:
         raise Unsupported(reason)
     op = lookup(target)
+    if op.refuses_bool and any(_dtype_of(v) is torch.bool for v in operands):
+        raise Unsupported(f"eager refuses {op.name} of a bool")
     modes = op.compute if isinstance(op.compute, tuple) else (op.compute,) * len(operands)
     common = torch.result_type(*operands) if "common" in modes else None
     casts = []
