@@ -116,9 +116,9 @@ class OpDef:
     """The operand positions where eager reads a Python number in a float16/bfloat16 tensor's
     own type (TensorIterator converts it to the common dtype); elsewhere a number keeps its
     value in float (the kernel reads its original_scalar_value, as an opmath scalar)."""
-    refuses_bool: bool = False
-    """Eager raises where an operand is a bool (sub: "Subtraction, the `-` operator, with a bool
-    tensor is not supported"), so such a call stays eager's, error and all."""
+    check_dtypes: Callable[[Sequence[torch.dtype | None]], str | None] | None = None
+    """operand dtypes -> why eager refuses them, or None. Fake tensors let such calls through
+    (sub of a bool, pow of bools): they must stay eager's, to raise eager's error."""
     pair: str | Render | None = None
     """CUDA, float16/bfloat16 computed as such: the op on two elements packed in one 32-bit word
     (``{t}`` is ``h`` or ``bf``), rounding once. Only for ops whose float result of two halves,
@@ -411,6 +411,20 @@ def _check_round(attrs: dict) -> str | None:
     return None if attrs.get("decimals", 0) == 0 else "round with decimals"
 
 
+def _any_bool(dtypes: Sequence[torch.dtype | None]) -> str | None:
+    return "a bool" if torch.bool in dtypes else None
+
+
+def _all_bool(dtypes: Sequence[torch.dtype | None]) -> str | None:
+    return "bools" if all(d is torch.bool for d in dtypes) else None
+
+
+def _integer_division(dtypes: Sequence[torch.dtype | None]) -> str | None:
+    """addcdiv's tensor1 / tensor2 of integers or bools: eager's RuntimeError."""
+    integral = [d is not None and not d.is_floating_point for d in dtypes[1:3]]
+    return "integers (integer division)" if all(integral) else None
+
+
 def _check_div(attrs: dict) -> str | None:
     mode = attrs.get("rounding_mode")
     return None if mode in (None, "trunc", "floor") else f"rounding_mode={mode!r}"
@@ -468,12 +482,11 @@ OPS: tuple[OpDef, ...] = (
     _fn("logaddexp", "tf_logaddexp{f}({a}, {b})"),
     _fn("sigmoid_backward", _sigmoid_backward),
     _fn("tanh_backward", _tanh_backward),
-    # rounding: the identity on integers
-    *(OpDef(n, (n,), f=f"{c}{{f}}({{a}})", i=_IDENTITY, b=_IDENTITY)
+    # rounding: the identity on integers (eager refuses bools)
+    *(OpDef(n, (n,), f=f"{c}{{f}}({{a}})", i=_IDENTITY)
       for n, c in (("ceil", "ceil"), ("floor", "floor"), ("trunc", "trunc"), ("round", "rint"))),
     # sign-like
-    OpDef("abs", ("abs",), f="fabs{f}({a})", i="({T})({a} < 0 ? -({U}){a} : ({U}){a})",
-          b=_IDENTITY),
+    OpDef("abs", ("abs",), f="fabs{f}({a})", i="({T})({a} < 0 ? -({U}){a} : ({U}){a})"),
     OpDef("neg", ("neg",), f="-{a}", i="({T})(-({U}){a})"),
     OpDef("sign", ("sign", "sgn"), f="({a} > 0) - ({a} < 0)", i="({a} > 0) - ({a} < 0)",
           b=_IDENTITY),
@@ -494,9 +507,9 @@ OPS: tuple[OpDef, ...] = (
     # CPU also rounds add's alpha)
     OpDef("add", ("add",), **_axpy("+"), narrow=(0, 1, 2), cuda={"narrow": ()}),
     OpDef("sub", ("sub",), **_axpy("-"), narrow=(0, 1, 2), cuda={"narrow": ()},
-          refuses_bool=True),
+          check_dtypes=_any_bool),
     OpDef("rsub", ("rsub",), **_axpy("-", swap=True), narrow=(0, 1, 2), cuda={"narrow": ()},
-          refuses_bool=True),
+          check_dtypes=_any_bool),
     OpDef("mul", ("mul",), f=lambda ctx, a, b: f"{a} * {_scalar(ctx, b)}", i=_WRAP_MUL,
           b="{a} && {b}", pair="tf_{t}mul2({a}, {b})", narrow=(0,), cuda={"narrow": ()}),
     OpDef("div", ("div",), f=_div("f"), i=_div("i"), check=_check_div, cuda={"f": _div_cuda},
@@ -507,7 +520,8 @@ OPS: tuple[OpDef, ...] = (
           i="tf_remainder_{t}({a}, {b}, &err)", narrow=(0, 1)),
     OpDef("fmod", ("fmod",), f="fmod{f}({a}, {b})", i="tf_fmod_{t}({a}, {b}, &err)",
           narrow=(0, 1)),
-    OpDef("pow", ("pow",), f=_pow_f, i="tf_pow_{t}({a}, {b})", narrow=(0, 1)),
+    OpDef("pow", ("pow",), f=_pow_f, i="tf_pow_{t}({a}, {b})", narrow=(0, 1),
+          check_dtypes=_all_bool),
     OpDef("maximum", ("maximum",), f="tf_max{f}({a}, {b})", i="TF_MAX({a}, {b})",
           b="{a} || {b}"),
     OpDef("minimum", ("minimum",), f="tf_min{f}({a}, {b})", i="TF_MIN({a}, {b})",
@@ -532,7 +546,7 @@ OPS: tuple[OpDef, ...] = (
     OpDef("addcmul", ("addcmul",), f="fma{f}({d} * {b}, {c}, {a})",  # the CPU's vector code
           i="({T})(({U}){a} + ({U}){d} * ({U}){b} * ({U}){c})",
           cuda={"f": "fma{f}({d}, {b} * {c}, {a})"}),  # a + value * (b * c), contracted
-    OpDef("addcdiv", ("addcdiv",), f="{a} + {d} * {b} / {c}",
+    OpDef("addcdiv", ("addcdiv",), f="{a} + {d} * {b} / {c}", check_dtypes=_integer_division,
           cuda={"f": "fma{f}({d}, {b} / {c}, {a})"}),
     # comparisons and logic
     _cmp("eq", "=="), _cmp("ne", "!="), _cmp("lt", "<"), _cmp("le", "<="), _cmp("gt", ">"),
@@ -682,8 +696,9 @@ def select(target: Any, attrs: dict, operands: Sequence[Any], out: torch.dtype,
     if reason:
         raise Unsupported(reason)
     op = lookup(target)
-    if op.refuses_bool and any(_dtype_of(v) is torch.bool for v in operands):
-        raise Unsupported(f"eager refuses {op.name} of a bool")
+    reason = op.check_dtypes and op.check_dtypes([_dtype_of(v) for v in operands])
+    if reason:
+        raise Unsupported(f"eager refuses {op.name} of {reason}")
     modes = op.compute if isinstance(op.compute, tuple) else (op.compute,) * len(operands)
     common = torch.result_type(*operands) if "common" in modes else None
     casts = []
