@@ -150,6 +150,23 @@ def test_half_vector_kernels_compute_on_pairs():
     assert "= tf_hmul2(" not in mixed and "tf_hunpack2(h0, v0_0, v0_1)" in mixed
 
 
+def _halves_from_doubles(a, b):
+    return torch.maximum(a, b).bfloat16() * 2 >= a.bfloat16(), (a / b).half() + 1
+
+
+def test_halves_in_one_element_vectors_compute_alone():
+    # float64 operands make a light vector one element wide: no pairs (elements k and k + 1)
+    x = torch.randn(4096, dtype=torch.float64)
+    source = _source(_halves_from_doubles, x, x + 1)
+    assert "// vector elements: 1" in source and "k + 1" not in source
+
+
+@gpu
+def test_halves_in_one_element_vectors_are_eagers(cuda_fusion):
+    x = make_input((4099,), torch.float64, "cuda")
+    assert_matches_eager(_halves_from_doubles, x, make_input((4099,), torch.float64, "cuda"))
+
+
 def test_sigmoid_of_halves_skips_divisions_slow_path():
     x = torch.randn(4096)
     assert "tf_sigmoid_f16(v0)" in _source(torch.sigmoid, x.half())

@@ -507,7 +507,7 @@ class _Kernel:
             condition = None if flat else self.guard(p - n_in)
             return f"if ({condition}) {statement}" if condition else statement
 
-        element, step = self.pair(), 2
+        element, step = (self.pair() if width % 2 == 0 else None), 2  # pairs fill a vector
         if element is None:
             element, step = self.element(
                 None,
