@@ -517,7 +517,8 @@ class _Kernel:
         if self.checked:  # only elements inside the tensor may report an error
             element = ["int err = 0;", *element, "tf_err |= err & (i < full || base + k < n);"]
         unions = [f"    union {{ {words[p]} all; {STORAGE_TYPES[d]} e[{width}];"
-                  + (f" uint32_t w[{width // 2}];" if d in HALVES else "") + f" }} b{p};"
+                  + (f" uint32_t w[{width // 2}];" if d in HALVES and step == 2 else "")
+                  + f" }} b{p};"
                   for p, d in enumerate(dtypes)]
         if flat:
             loads = ["    if (i < full) {",
