@@ -1,5 +1,6 @@
-"""The CPU kernels' vector math (glibc's libmvec): accurate against float64, and the special
-values (NaN, ±Inf, signed zeros, out-of-domain inputs) exactly as eager gives them.
+"""The CPU kernels' vector math (glibc's libmvec; eager's VML where torch has MKL, for the ops
+eager's kernels pass to it): accurate against float64, and the special values (NaN, ±Inf,
+signed zeros, out-of-domain inputs) exactly as eager gives them.
 
 Inputs are long enough that the vectorised loop, not only its scalar tail, computes them.
 """
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 import torchfuse
-from conftest import trace
-from torchfuse import cache
+from conftest import assert_same_bits, trace
+from torchfuse import cache, ops
 from torchfuse.codegen import c as c_codegen
 from torchfuse.devices import cpu as cpu_backend
 
@@ -77,20 +78,24 @@ def assert_accurate(got: torch.Tensor, reference: torch.Tensor, eager: torch.Ten
     assert worst <= 1.0, f"error {worst * bound:.1f} ulp > {bound} ulp"
 
 
-def run_fused(fn, *args) -> torch.Tensor:
+def run_fused(fn, *args, vml: bool = True) -> torch.Tensor:
+    """``fn`` through a kernel built now (with eager's VML functions where ``vml``)."""
     before = cache.STATS.fallbacks
     key = torchfuse.register_fusion(trace(fn, *args))
-    (out,) = torchfuse.run_fusion(key, *args)
+    cache.SPECS[key].kernels.clear()
+    with torchfuse.config.override(vml=vml):
+        (out,) = torchfuse.run_fusion(key, *args)
     assert cache.STATS.fallbacks == before, "ran through the fallback, not a kernel"
     return out
 
 
+@pytest.mark.parametrize("vml", [True, False], ids=["vml", "libmvec"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", sorted(UNARY))
-def test_unary_accuracy(name, dtype):
+def test_unary_accuracy(name, dtype, vml):
     fn = getattr(torch, name)
     x = inputs(*UNARY[name], dtype)
-    got = run_fused(fn, x)
+    got = run_fused(fn, x, vml=vml)
     assert_accurate(got, fn(x.double()), fn(x))
 
 
@@ -103,6 +108,30 @@ def test_binary_accuracy(name, dtype):
         x = x.abs()  # the interesting range: negative bases give NaN (or ±) on both sides
     got = run_fused(fn, x, y)
     assert_accurate(got, fn(x.double(), y.double()), fn(x, y))
+
+
+VML_OPS = sorted(op.name for op in ops.OPS if op.vml)
+
+
+@pytest.mark.skipif(cpu_backend.vml_functions() is None, reason="this torch has no MKL VML")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", VML_OPS)
+def test_vml_ops_are_cpu_eagers_bits(name, dtype):
+    """The ops eager's CPU kernels pass to VML, passed to VML a block at a time: eager's bits,
+    in a chain (the call between two stages of the block), on contiguous, strided and row
+    operands (a block per row) and over a tail shorter than a block."""
+    fn = getattr(torch, name)
+    x = inputs(*UNARY.get(name, (0.0, 1e6)), dtype)
+    y = inputs(-3.0, 3.0, dtype, seed=1)
+
+    def chain(a, b):
+        return fn(a * 0.5) * b + fn(b), fn(a)
+    wide = torch.stack([x, y], 1)
+    rows = x[:4096].view(64, 64)
+    for a, b in ((x, y), (wide[:, 0], wide[:, 1]), (rows, y[:64]), (rows.t(), y[:64])):
+        key = torchfuse.register_fusion(trace(chain, a, b))
+        for got, want in zip(torchfuse.run_fusion(key, a, b), chain(a, b), strict=True):
+            assert_same_bits(got, want, f"{name} {tuple(a.shape)} {a.stride()}")
 
 
 def test_composite_activations_accurate():
@@ -124,11 +153,18 @@ def test_declarations_only_for_functions_used():
     assert c_codegen.vector_math_declarations("float v = a * b;") == ""
 
 
-def test_kernel_declares_its_math_functions_simd():
+def test_vml_off_leaves_every_function_to_libmvec():
     x = torch.randn(64)
-    source = torchfuse.get_fused_kernel_code(trace(lambda t: torch.tanh(t) * torch.exp(t), x), x)
-    assert "TF_SIMD float tanhf(float);" in source
-    assert "TF_SIMD float expf(float);" in source
+    with torchfuse.config.override(vml=False):
+        source = torchfuse.get_fused_kernel_code(trace(torch.tanh, x), x)
+    assert "tf_vml" not in source and "TF_SIMD float tanhf(float);" in source
+
+
+def test_kernel_declares_its_math_functions_simd():
+    x = torch.randn(64)  # functions eager's kernels do not pass to VML
+    source = torchfuse.get_fused_kernel_code(trace(lambda t: torch.sinh(t) * torch.expm1(t), x), x)
+    assert "TF_SIMD float sinhf(float);" in source
+    assert "TF_SIMD float expm1f(float);" in source
 
 
 @pytest.mark.skipif(not cpu_backend._has_vector_math(), reason="no glibc >= 2.35 on x86-64")
@@ -137,15 +173,16 @@ def test_kernels_call_the_vector_variants():
     flags = cpu_backend._flags(torchfuse.config.cc, torchfuse.config.cflags)
     assert cpu_backend.VECTOR_MATH_FLAGS[0] in flags
     x = torch.randn(64)
-    source = torchfuse.get_fused_kernel_code(trace(torch.tanh, x), x)
+    source = torchfuse.get_fused_kernel_code(trace(torch.expm1, x), x)
     binary = cpu_backend.BACKEND.compile(source, torch.device("cpu"))
-    assert b"_ZGV" in binary and b"tanhf" in binary
+    assert b"_ZGV" in binary and b"expm1f" in binary
 
 
 def test_logs_keep_out_of_domain_lanes_off_the_slow_path():
     """log-like calls go through the domain wrappers, which give the same results (checked
     above over negative inputs, -1, ±0, NaN and ±Inf)."""
-    x = torch.randn(64)
-    for fn, name in ((torch.log, "logf"), (torch.log1p, "log1pf"), (torch.log2, "log2f")):
-        source = torchfuse.get_fused_kernel_code(trace(fn, x), x)
+    x = torch.randn(64)  # float16's log and log2 are not VML's: eager computes them in float
+    for fn, name, t in ((torch.log, "logf", x.half()), (torch.log1p, "log1pf", x),
+                        (torch.log2, "log2f", x.half())):
+        source = torchfuse.get_fused_kernel_code(trace(fn, t), t)
         assert f"tf_{name}(v0)" in source

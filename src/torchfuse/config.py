@@ -73,6 +73,11 @@ class Config:
     """TORCHFUSE_NATIVE_LAUNCH=0: launch kernels from Python (ctypes, cuda.core) instead of the
     small C launcher built once per machine (devices/launch.c)."""
 
+    vml: bool = dataclasses.field(default_factory=lambda: _flag("TORCHFUSE_VML", True))
+    """TORCHFUSE_VML=0: CPU kernels compute exp, log, tanh, erf... of float32/float64 with
+    glibc's libmvec (within 4 ulp), not with the VML functions eager's kernels call (eager's
+    bits; up to a quarter slower in kernels that are mostly such calls, e.g. an LSTM cell)."""
+
     ptx: bool = dataclasses.field(default_factory=lambda: _flag("TORCHFUSE_PTX", True))
     """TORCHFUSE_PTX=0: NVRTC compiles every CUDA entry point from C, scalar32 included, which
     is otherwise assembled from the PTX the code generator writes (codegen/ptx.py)."""

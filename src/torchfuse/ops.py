@@ -116,6 +116,10 @@ class OpDef:
     """The operand positions where eager reads a Python number in a float16/bfloat16 tensor's
     own type (TensorIterator converts it to the common dtype); elsewhere a number keeps its
     value in float (the kernel reads its original_scalar_value, as an opmath scalar)."""
+    vml: str | None = None
+    """The function of MKL's VML (Vector Math Library) that eager's CPU kernel calls for this
+    op on float32/float64 tensors (``Exp`` for vmsExp/vmdExp), where torch is built with MKL:
+    a CPU kernel passes it a block of elements and gets eager's bits (codegen.c)."""
     check_dtypes: Callable[[Sequence[torch.dtype | None]], str | None] | None = None
     """operand dtypes -> why eager refuses them, or None. Fake tensors let such calls through
     (sub of a bool, pow of bools): they must stay eager's, to raise eager's error."""
@@ -458,9 +462,15 @@ _WRAP_MUL = "({T})(({U}){a} * ({U}){b})"
 
 OPS: tuple[OpDef, ...] = (
     # unary floating-point functions
-    *(_fn(n) for n in ("acos", "asin", "atan", "acosh", "asinh", "atanh", "cos", "cosh", "exp",
-                       "expm1", "erf", "erfc", "lgamma", "log", "log10", "log1p", "log2", "sin",
-                       "sinh", "sqrt", "tan", "tanh", "exp2")),
+    # eager's CPU kernel calls VML for these (ATen's vml.h; measured: its bits on float32 and
+    # float64, contiguous or strided)
+    *(_fn(n, vml=v) for n, v in (("acos", "Acos"), ("asin", "Asin"), ("atan", "Atan"),
+                                 ("cos", "Cos"), ("exp", "Exp"), ("erf", "Erf"), ("erfc", "Erfc"),
+                                 ("log", "Ln"), ("log10", "Log10"), ("log2", "Log2"),
+                                 ("sin", "Sin"), ("sqrt", "Sqrt"), ("tan", "Tan"),
+                                 ("tanh", "Tanh"))),
+    *(_fn(n) for n in ("acosh", "asinh", "atanh", "cosh", "expm1", "lgamma", "log1p", "sinh",
+                       "exp2")),
     # CUDA eager calls CUDA's rsqrt (rsqrt.approx for float: not 1 / sqrt's correct rounding)
     _fn("rsqrt", "1 / sqrt{f}({a})", cuda={"f": "rsqrt{f}({a})"}),
     _fn("reciprocal", "1 / {a}"),

@@ -8,10 +8,15 @@ error code (see spec.ERRORS). The innermost loop is written so that gcc vectoris
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
+import torch
+
+from .. import ops
 from ..config import config
+from ..ir import Ref
 from ..spec import BROADCAST, ArgSpec
-from .cstyle import STORAGE_TYPES, CStyleRenderer, TypedGraph, helpers_for
+from .cstyle import C_TYPES, STORAGE_TYPES, CStyleRenderer, TypedGraph, helpers_for
 
 PREAMBLE = r"""#include <stdint.h>
 #include <stdbool.h>
@@ -108,6 +113,18 @@ TF_FN void tf_huge_pages(void* p, int64_t bytes) {
 }"""
 
 
+# Eager's CPU kernels for exp, log, tanh, erf... of float32/float64 call MKL's VML in its
+# high-accuracy mode (ATen's vml.h), whose results are not libm's: a kernel computes those ops a
+# block of elements at a time and passes each block to the same VML function, for eager's bits.
+# The functions live in libtorch_cpu, not in the global namespace: the backend fills tf_vml
+# with their addresses when it loads the kernel (devices/cpu.vml_functions).
+VML = tuple(sorted({op.vml for op in ops.OPS if op.vml}))  # tf_vml[2i]: vms<f>, [2i + 1]: vmd<f>
+VML_MODE = 0x140102  # VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE, as ATen's vml.h calls it
+BLOCK = 256  # elements a VML call takes: the block's arrays stay in L1
+VML_TABLE = f"""typedef void (*tf_vml_fn)(int64_t n, const void* a, void* r, int64_t mode);
+tf_vml_fn tf_vml[{2 * len(VML)}];  /* filled by the loader: vms/vmd{', '.join(VML)} */"""
+
+
 def parallel_threshold(body: list[str]) -> int:
     """The element count from which a kernel runs on all threads: each call of a math function
     in the body counts as one more element's worth of work (measured: a thread pays off from
@@ -119,6 +136,9 @@ def parallel_threshold(body: list[str]) -> int:
 class CRenderer(CStyleRenderer):
     preamble = PREAMBLE
 
+    def __init__(self, vml: Callable[[], bool] = lambda: False) -> None:
+        self.vml = vml  # whether this process has eager's VML functions (the backend asks torch)
+
     def render(self, typed: TypedGraph, argspec: ArgSpec) -> str:
         codes = [d.inner for d in argspec.inputs] + [inner for inner, _ in argspec.outputs]
         lines = self._prologue(typed, argspec, len(codes))
@@ -126,20 +146,97 @@ class CRenderer(CStyleRenderer):
         # threshold the loop still runs vectorised, on one thread.
         parallel = (f"if(parallel: n >= {parallel_threshold(self.body(typed))}) "
                     "schedule(static) reduction(|:err)")
+        blocks = self.vml_calls(typed)
         if argspec.rank == 1:
-            lines.append(f"  #pragma omp parallel for simd {parallel}")
-            lines.append("  for (int64_t i = 0; i < n; i++) {")
-            lines += self._inner(typed, argspec, codes, "i", lambda p: "0",
-                                 lambda p: f"stride[{p}]")
-            lines.append("  }")
+            at = (lambda p: "0", lambda p: f"stride[{p}]")  # each operand's base and stride
+            if blocks:
+                lines.append(f"  #pragma omp parallel for {parallel}")
+                lines += self._blocks(typed, argspec, codes, "n", "i", at, blocks, "  ")
+            else:
+                lines.append(f"  #pragma omp parallel for simd {parallel}")
+                lines.append("  for (int64_t i = 0; i < n; i++) {")
+                lines += self._inner(typed, argspec, codes, "i", *at)
+                lines.append("  }")
         else:
-            lines += self._rows(typed, argspec, codes, parallel)
+            lines += self._rows(typed, argspec, codes, parallel, blocks)
         lines += ["  return err;", "}"]
         kernel = "\n".join(lines)
-        helpers = "\n".join(filter(None, [helpers_for(kernel), domain_guards(kernel),
-                                          HUGE_PAGES]))
+        helpers = "\n".join(filter(None, [VML_TABLE if blocks else "", helpers_for(kernel),
+                                          domain_guards(kernel), HUGE_PAGES]))
         declarations = vector_math_declarations(helpers + kernel)
         return "\n".join([self.preamble, declarations, helpers, "", kernel, ""])
+
+    def vml_calls(self, typed: TypedGraph) -> dict[int, int]:
+        """Op index -> its function's index in tf_vml, for the ops this kernel passes to VML:
+        those eager's kernel does (OpDef.vml) computing in float32/float64, where this process
+        has VML."""
+        calls = {}
+        for k, selected in enumerate(typed.selected):
+            if selected.op.vml and selected.compute in (torch.float32, torch.float64):
+                calls[k] = 2 * VML.index(selected.op.vml) + (selected.compute == torch.float64)
+        return calls if calls and self.vml() else {}
+
+    def _blocks(self, typed: TypedGraph, argspec: ArgSpec, codes: list[str], total: str,
+                j: str, at: tuple[Callable, Callable], calls: dict[int, int],
+                pad: str) -> list[str]:
+        """The loop over ``total`` elements (index ``j``) a block of BLOCK at a time: the ops in
+        stages, one simd loop each, a VML call on a whole block between two stages. A value
+        that a later stage reads waits in a block array (``t<id>``; a VML op's argument
+        ``a<id>`` and result ``r<id>``); inputs are loaded again where a stage reads them."""
+        graph, dtypes, n = typed.graph, typed.dtypes, typed.graph.n_inputs
+        stage = [0] * (n + len(graph.ops))  # where each value is computed
+        for k, op in enumerate(graph.ops):
+            first = max((stage[o.id] for o in op.operands if isinstance(o, Ref)), default=0)
+            stage[n + k] = first + (k in calls)
+        uses: dict[int, set[int]] = {}  # value -> the stages that read it
+        for k, op in enumerate(graph.ops):
+            for o in op.operands:
+                if isinstance(o, Ref):
+                    uses.setdefault(o.id, set()).add(stage[n + k] - (k in calls))
+        for value in graph.outputs:
+            uses.setdefault(value, set()).add(stage[value])
+        carried = sorted(v for v in range(n, len(stage)) if v - n not in calls
+                         and any(s > stage[v] for s in uses.get(v, ())))
+        arrays = [f"{C_TYPES[dtypes[v]]} t{v}[{BLOCK}];" for v in carried]
+        for k in calls:
+            t = C_TYPES[typed.selected[k].compute]
+            arrays += [f"{t} a{n + k}[{BLOCK}];", f"{t} r{n + k}[{BLOCK}];"]
+        body = self.body(typed)  # the element path's statements, one per op
+        pad2 = pad + "  "
+        lines = [f"{pad}for (int64_t {j}0 = 0; {j}0 < {total}; {j}0 += {BLOCK}) {{",
+                 f"{pad2}const int64_t m = {total} - {j}0 < {BLOCK} ? {total} - {j}0 : {BLOCK};",
+                 *(pad2 + a for a in arrays)]
+        for s in range(max(stage) + 1):
+            loop = [f"const int64_t {j} = {j}0 + k;"]
+            for v in sorted(v for v, stages in uses.items() if s in stages):
+                if v < n:  # an input: loaded again
+                    loop.append(self._load(typed, codes, v, j, *at))
+                elif v - n in calls:  # a VML result (its call came before this stage)
+                    value = self.convert(f"r{v}[k]", typed.selected[v - n].compute, dtypes[v])
+                    loop.append(f"const {C_TYPES[dtypes[v]]} v{v} = {value};")
+                elif stage[v] < s:  # from an earlier stage
+                    loop.append(f"const {C_TYPES[dtypes[v]]} v{v} = t{v}[k];")
+            for k in range(len(graph.ops)):
+                if stage[n + k] == s and k not in calls:
+                    loop.append(body[k])
+                elif k in calls and stage[n + k] == s + 1:
+                    loop.append(f"a{n + k}[k] = {self._vml_argument(typed, k)};")
+            loop += [f"t{v}[k] = v{v};" for v in carried if stage[v] == s]
+            loop += [self._store(typed, argspec, codes, o, j, *at)
+                     for o, value in enumerate(graph.outputs) if stage[value] == s]
+            lines += [f"{pad2}#pragma omp simd reduction(|:err)",
+                      f"{pad2}for (int64_t k = 0; k < m; k++) {{",
+                      *(pad2 + "  " + line for line in loop),
+                      f"{pad2}}}"]
+            lines += [f"{pad2}tf_vml[{calls[k]}](m, a{n + k}, r{n + k}, {VML_MODE:#x});"
+                      for k in sorted(calls) if stage[n + k] == s + 1]
+        return lines + [f"{pad}}}"]
+
+    def _vml_argument(self, typed: TypedGraph, k: int) -> str:
+        """Op ``k``'s operand, in its compute type: what its VML function is given."""
+        op, selected = typed.graph.ops[k], typed.selected[k]
+        return str(self._operand(op.operands[0], selected.casts[0], typed, False))
+
 
     def body(self, typed: TypedGraph) -> list[str]:
         return [guard_domains(line) for line in super().body(typed)]
@@ -167,8 +264,10 @@ class CRenderer(CStyleRenderer):
         return lines + [f"  tf_huge_pages(out{o}, n * (int64_t)sizeof(*out{o}));"
                         for o, partial in enumerate(argspec.partial_outputs) if not partial]
 
-    def _rows(self, typed: TypedGraph, argspec: ArgSpec, codes: list[str], parallel: str):
-        """Rank >= 2: one parallel loop over rows (all outer dims), a simd loop over the inner."""
+    def _rows(self, typed: TypedGraph, argspec: ArgSpec, codes: list[str], parallel: str,
+              blocks: dict[int, int]) -> list[str]:
+        """Rank >= 2: one parallel loop over rows (all outer dims), a simd loop over the inner
+        (or, where ops go to VML, its blocks)."""
         rank, k = argspec.rank, len(codes)
         partial = argspec.partial_outputs
         n_in = len(argspec.inputs)
@@ -193,33 +292,41 @@ class CRenderer(CStyleRenderer):
                     own = stride_of(n_in + o, d)
                     lines.append(f"      w{o} &= (idx == 0) | ({own} != 0);")
             lines.append("    }")
+        at = (lambda p: f"b{p}", lambda p: stride_of(p, rank - 1))
+        if blocks:
+            return [*lines, *self._blocks(typed, argspec, codes, "inner", "j", at, blocks, "    "),
+                    "  }"]
         lines.append("    #pragma omp simd reduction(|:err)")
         lines.append("    for (int64_t j = 0; j < inner; j++) {")
-        lines += self._inner(typed, argspec, codes, "j", lambda p: f"b{p}",
-                             lambda p: stride_of(p, rank - 1))
+        lines += self._inner(typed, argspec, codes, "j", *at)
         lines += ["    }", "  }"]
         return lines
 
     def _inner(self, typed, argspec, codes, j, base, stride) -> list[str]:
         """Loads, the body and stores for one element; ``base(p)``/``stride(p)`` of operand p."""
-        graph, dtypes = typed.graph, typed.dtypes
-        n_in = graph.n_inputs
         pad = "    " if j == "i" else "      "
-        lines = []
-        for i in range(n_in):
-            index = self.inner_index(codes[i], base(i), j, stride(i))
-            value = self.load(f"in{i}", index, dtypes[i])
-            lines.append(f"{pad}const {self.ctype(dtypes[i])} v{i} = {value};")
-        lines += [pad + s for s in self.body(typed)]
-        for o, value in enumerate(graph.outputs):
-            p = n_in + o
-            index = self.inner_index(codes[p], base(p), j, stride(p))
-            store = self.store(f"out{o}", index, f"v{value}", dtypes[value])
-            if argspec.partial_outputs[o]:
-                guard = f"{j} == 0" if codes[p] == BROADCAST else "1"
-                if j == "j":
-                    guard = f"w{o} && ({guard})"
-                store = f"if ({guard}) {store}"
-            lines.append(pad + store)
-        return lines
+        n_in = typed.graph.n_inputs
+        return [pad + line for line in (
+            *(self._load(typed, codes, i, j, base, stride) for i in range(n_in)),
+            *self.body(typed),
+            *(self._store(typed, argspec, codes, o, j, base, stride)
+              for o in range(len(typed.graph.outputs))))]
 
+    def _load(self, typed, codes, i: int, j: str, base, stride) -> str:
+        """Input ``i``'s element ``j`` into ``v<i>``."""
+        index = self.inner_index(codes[i], base(i), j, stride(i))
+        value = self.load(f"in{i}", index, typed.dtypes[i])
+        return f"const {self.ctype(typed.dtypes[i])} v{i} = {value};"
+
+    def _store(self, typed, argspec, codes, o: int, j: str, base, stride) -> str:
+        """Output ``o``'s element ``j``; a partial output's only where it is its own."""
+        graph = typed.graph
+        p, value = graph.n_inputs + o, graph.outputs[o]
+        index = self.inner_index(codes[p], base(p), j, stride(p))
+        store = self.store(f"out{o}", index, f"v{value}", typed.dtypes[value])
+        if argspec.partial_outputs[o]:
+            guard = f"{j} == 0" if codes[p] == BROADCAST else "1"
+            if j == "j":
+                guard = f"w{o} && ({guard})"
+            store = f"if ({guard}) {store}"
+        return store

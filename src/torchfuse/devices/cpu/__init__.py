@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from ...codegen.c import CRenderer
+from ... import ops
+from ...codegen.c import VML, VML_MODE, CRenderer
 from ...config import config
 from .. import CompileError, launcher
 
@@ -132,8 +133,32 @@ def _cpu_identity() -> str:
     return f"{platform.machine()} {hashlib.sha256(features.encode()).hexdigest()[:16]}"
 
 
+@functools.lru_cache(maxsize=1)
+def vml_functions() -> tuple[int, ...] | None:
+    """The addresses of the VML functions eager's CPU kernels call (vms<f>, vmd<f> for each of
+    codegen.c.VML), from libtorch_cpu, which torch has loaded; None where this torch has no
+    MKL, or its ops do not give those functions' results (checked on a few values)."""
+    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    try:
+        library = ctypes.CDLL(os.path.join(lib_dir, "libtorch_cpu.so"))
+        functions = [getattr(library, prefix + name) for name in VML for prefix in ("vms", "vmd")]
+    except (OSError, AttributeError):
+        return None
+    op_of = {op.vml: getattr(torch, op.name) for op in ops.OPS if op.vml}
+    x = torch.linspace(-3, 3, 67, dtype=torch.float64) ** 3
+    for k, function in enumerate(functions):
+        a = x.to(torch.float64 if k % 2 else torch.float32)
+        r = torch.empty_like(a)
+        function(ctypes.c_int64(a.numel()), ctypes.c_void_p(a.data_ptr()),
+                 ctypes.c_void_p(r.data_ptr()), ctypes.c_int64(VML_MODE))
+        want = op_of[VML[k // 2]](a)
+        if not ((r == want) | (r.isnan() & want.isnan())).all():
+            return None
+    return tuple(ctypes.cast(f, ctypes.c_void_p).value for f in functions)
+
+
 class CPUBackend:
-    renderer = CRenderer()
+    renderer = CRenderer(vml=lambda: config.vml and vml_functions() is not None)
 
     def unavailable(self) -> str | None:
         if _compiler_identity(config.cc) is None:
@@ -178,6 +203,10 @@ class CPUBackend:
             library = ctypes.CDLL(path)
         finally:
             os.unlink(path)
+        if "tf_vml[" in source:  # the kernel calls eager's VML functions: tell it where
+            addresses = vml_functions()
+            table = (ctypes.c_void_p * len(addresses)).in_dll(library, "tf_vml")
+            table[:] = addresses
         function = library.tf_kernel
         native = launcher.get()
         if native is not None:
