@@ -237,7 +237,6 @@ class CRenderer(CStyleRenderer):
         op, selected = typed.graph.ops[k], typed.selected[k]
         return str(self._operand(op.operands[0], selected.casts[0], typed, False))
 
-
     def body(self, typed: TypedGraph) -> list[str]:
         return [guard_domains(line) for line in super().body(typed)]
 
