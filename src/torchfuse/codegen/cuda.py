@@ -121,11 +121,13 @@ TF_FN float tf_round_bf16_native(float f) {
 #endif
 /* Programmatic dependent launch (sm_90+; devices/cuda launches such an entry so): the entry
    first waits until the kernel before it in the stream has finished and its writes show (its
-   loads may read them), then lets the next kernel's blocks start as its own last blocks run. */
+   loads may read them). Its blocks do not trigger the next kernel's launch early
+   (griddepcontrol.launch_dependents): they trigger it by exiting, so the next kernel's blocks
+   take the places of this one's last blocks as they finish instead of waiting in places this
+   kernel's blocks could use (a tanh GELU on an H200: 1.23x Inductor's time with the early
+   trigger, 0.98x without). */
 #if __CUDA_ARCH__ >= 900
-#define TF_GRID_DEPENDENCY \
-  asm volatile("griddepcontrol.wait;" ::: "memory"); \
-  asm volatile("griddepcontrol.launch_dependents;");
+#define TF_GRID_DEPENDENCY asm volatile("griddepcontrol.wait;" ::: "memory");
 #else
 #define TF_GRID_DEPENDENCY
 #endif
