@@ -2,7 +2,8 @@
 
 The kernel takes one array of int64: ``[numel, sizes[R], strides[K][R], pointers[K]]`` where R is
 the ArgSpec's rank and K the number of operands (inputs, then outputs). It returns 0, or an
-error code (see spec.ERRORS). The innermost loop is written so that gcc vectorises it.
+error code (see spec.ERRORS). The innermost loop is written so that gcc vectorises it; where an
+op goes to eager's VML function (OpDef.vml), the loop runs in blocks, in stages around each call.
 """
 
 from __future__ import annotations
