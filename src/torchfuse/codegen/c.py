@@ -185,7 +185,10 @@ class CRenderer(CStyleRenderer):
         that a later stage reads waits in a block array (``t<id>``; a VML op's argument
         ``a<id>`` and result ``r<id>``); inputs are loaded again where a stage reads them."""
         graph, dtypes, n = typed.graph, typed.dtypes, typed.graph.n_inputs
-        stage = [0] * (n + len(graph.ops))  # where each value is computed
+        # Where each value is computed: as early as its operands allow (a VML result: after its
+        # call). Measured on an LSTM cell: 7 % quicker than as late as its readers allow, which
+        # carries no values in arrays but reads the inputs in three passes instead of one.
+        stage = [0] * (n + len(graph.ops))
         for k, op in enumerate(graph.ops):
             first = max((stage[o.id] for o in op.operands if isinstance(o, Ref)), default=0)
             stage[n + k] = first + (k in calls)
@@ -199,9 +202,17 @@ class CRenderer(CStyleRenderer):
         carried = sorted(v for v in range(n, len(stage)) if v - n not in calls
                          and any(s > stage[v] for s in uses.get(v, ())))
         arrays = [f"{C_TYPES[dtypes[v]]} t{v}[{BLOCK}];" for v in carried]
+        # VML op -> the result of another it reads in place. (Not an input in place: reading
+        # the block from memory, VML waits for it, where a copy loop streams it with the rest:
+        # an LSTM cell 5 % slower.)
+        given = {}
         for k in calls:
-            t = C_TYPES[typed.selected[k].compute]
-            arrays += [f"{t} a{n + k}[{BLOCK}];", f"{t} r{n + k}[{BLOCK}];"]
+            compute, v = typed.selected[k].compute, graph.ops[k].operands[0]
+            if isinstance(v, Ref) and v.id - n in calls and dtypes[v.id] == compute:
+                given[k] = f"r{v.id}"
+            else:
+                arrays.append(f"{C_TYPES[compute]} a{n + k}[{BLOCK}];")
+            arrays.append(f"{C_TYPES[compute]} r{n + k}[{BLOCK}];")
         body = self.body(typed)  # the element path's statements, one per op
         pad2 = pad + "  "
         lines = [f"{pad}for (int64_t {j}0 = 0; {j}0 < {total}; {j}0 += {BLOCK}) {{",
@@ -220,17 +231,18 @@ class CRenderer(CStyleRenderer):
             for k in range(len(graph.ops)):
                 if stage[n + k] == s and k not in calls:
                     loop.append(body[k])
-                elif k in calls and stage[n + k] == s + 1:
+                elif k in calls and stage[n + k] == s + 1 and k not in given:
                     loop.append(f"a{n + k}[k] = {self._vml_argument(typed, k)};")
             loop += [f"t{v}[k] = v{v};" for v in carried if stage[v] == s]
             loop += [self._store(typed, argspec, codes, o, j, *at)
                      for o, value in enumerate(graph.outputs) if stage[value] == s]
-            lines += [f"{pad2}#pragma omp simd reduction(|:err)",
-                      f"{pad2}for (int64_t k = 0; k < m; k++) {{",
-                      *(pad2 + "  " + line for line in loop),
-                      f"{pad2}}}"]
-            lines += [f"{pad2}tf_vml[{calls[k]}](m, a{n + k}, r{n + k}, {VML_MODE:#x});"
-                      for k in sorted(calls) if stage[n + k] == s + 1]
+            if any(not line.startswith("const ") for line in loop):  # not loads alone
+                lines += [f"{pad2}#pragma omp simd reduction(|:err)",
+                          f"{pad2}for (int64_t k = 0; k < m; k++) {{",
+                          *(pad2 + "  " + line for line in loop),
+                          f"{pad2}}}"]
+            lines += [f"{pad2}tf_vml[{calls[k]}](m, {given.get(k, f'a{n + k}')}, r{n + k}, "
+                      f"{VML_MODE:#x});" for k in sorted(calls) if stage[n + k] == s + 1]
         return lines + [f"{pad}}}"]
 
     def _vml_argument(self, typed: TypedGraph, k: int) -> str:
