@@ -134,6 +134,21 @@ def test_vml_ops_are_cpu_eagers_bits(name, dtype):
             assert_same_bits(got, want, f"{name} {tuple(a.shape)} {a.stride()}")
 
 
+@pytest.mark.skipif(cpu_backend.vml_functions() is None, reason="this torch has no MKL VML")
+def test_vml_probe_runs_on_real_tensors_under_fake_tensor_mode():
+    # a first kernel may be built while torch.compile traces with fake tensors: the probe must
+    # not hand VML their (null) data pointers
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    found = cpu_backend.vml_functions()
+    cpu_backend.vml_functions.cache_clear()
+    try:
+        with FakeTensorMode():
+            assert cpu_backend.vml_functions() == found
+    finally:
+        cpu_backend.vml_functions.cache_clear()
+
+
 def test_composite_activations_accurate():
     """sigmoid, silu, gelu (erf and tanh forms), mish and softplus go through expf/erff/tanhf."""
     x = inputs(-30.0, 30.0, torch.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -15,6 +16,11 @@ import tempfile
 from collections.abc import Callable
 
 import torch
+
+try:  # (torch's own; where it has none, no dispatch mode is expected at a build)
+    from torch.utils._python_dispatch import _disable_current_modes as _no_dispatch_modes
+except ImportError:  # pragma: no cover
+    _no_dispatch_modes = contextlib.nullcontext
 
 from ... import ops
 from ...codegen.c import VML, VML_MODE, CRenderer
@@ -145,16 +151,19 @@ def vml_functions() -> tuple[int, ...] | None:
     except (OSError, AttributeError):
         return None
     op_of = {op.vml: getattr(torch, op.name) for op in ops.OPS if op.vml}
-    x = torch.linspace(-3, 3, 67, dtype=torch.float64) ** 3
-    for k, function in enumerate(functions):
-        a = x.to(torch.float64 if k % 2 else torch.float32)
-        r = torch.empty_like(a)
-        function(ctypes.c_int64(a.numel()), ctypes.c_void_p(a.data_ptr()),
-                 ctypes.c_void_p(r.data_ptr()), ctypes.c_int64(VML_MODE))
-        want = op_of[VML[k // 2]](a)
-        if not ((r == want) | (r.isnan() & want.isnan())).all():
-            return None
+    # real tensors even where the first kernel is built under torch.compile's fake tensors
+    with _no_dispatch_modes(), torch.no_grad():
+        x = torch.linspace(-3, 3, 67, dtype=torch.float64) ** 3
+        for k, function in enumerate(functions):
+            a = x.to(torch.float64 if k % 2 else torch.float32)
+            r = torch.empty_like(a)
+            function(ctypes.c_int64(a.numel()), ctypes.c_void_p(a.data_ptr()),
+                     ctypes.c_void_p(r.data_ptr()), ctypes.c_int64(VML_MODE))
+            want = op_of[VML[k // 2]](a)
+            if not ((r == want) | (r.isnan() & want.isnan())).all():
+                return None
     return tuple(ctypes.cast(f, ctypes.c_void_p).value for f in functions)
+
 
 
 class CPUBackend:
