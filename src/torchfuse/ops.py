@@ -682,7 +682,6 @@ class Selected:
     template: str | Render
     compute: torch.dtype  # the dtype the expression computes in
     casts: tuple[torch.dtype | None, ...]  # per operand: the dtype it is cast to first
-    narrow: tuple[int, ...] = ()  # the operands whose numbers round to a 16-bit compute type
 
 
 def _dtype_of(value: Any) -> torch.dtype | None:
@@ -724,4 +723,4 @@ def select(target: Any, attrs: dict, operands: Sequence[Any], out: torch.dtype,
     template = op.template(type_class(compute), cuda)
     if template is None:
         raise Unsupported(f"{op.name} is not fused for {compute}")
-    return Selected(op, template, compute, tuple(casts), op.narrowed(cuda))
+    return Selected(op, template, compute, tuple(casts))

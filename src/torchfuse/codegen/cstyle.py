@@ -316,7 +316,8 @@ class CStyleRenderer:
         graph, dtypes, selected = typed.graph, typed.dtypes, typed.selected[k]
         op = graph.ops[k]
         out = dtypes[graph.n_inputs + k]
-        operands = [self._operand(o, c, typed, p in selected.narrow)
+        narrow = selected.op.narrowed(self.cuda)
+        operands = [self._operand(o, c, typed, p in narrow)
                     for p, (o, c) in enumerate(zip(op.operands, selected.casts))]
         compute = selected.compute
         ctx = ops.Ctx(

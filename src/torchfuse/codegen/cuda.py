@@ -509,7 +509,7 @@ class _Kernel:
             condition = None if flat else self.guard(p - n_in)
             return f"if ({condition}) {statement}" if condition else statement
 
-        element, step = (self.pair() if width % 2 == 0 else None), 2  # pairs fill a vector
+        element, step = self.pair(), 2
         if element is None:
             element, step = self.element(
                 None,
@@ -565,10 +565,11 @@ class _Kernel:
         unpacked into floats ``v<id>_0``, ``v<id>_1`` only where an op computes in float; ops
         with a pair form (add, sub, mul) compute on pairs, every other op's two results are
         rounded by one packing cvt. Other values are two floats (or ints) ``v<id>_0``,
-        ``v<id>_1``. None where no value is float16 or bfloat16, or the body can fail."""
+        ``v<id>_1``. None where no value is float16 or bfloat16, the body can fail, or a vector
+        holds one element (float64 operands beside the halves)."""
         typed, r, dtypes, n_in = self.typed, self.r, self.dtypes, self.n_in
         n = typed.graph.n_inputs
-        if self.checked or not any(d in HALVES for d in typed.dtypes):
+        if self.checked or self.width % 2 or not any(d in HALVES for d in typed.dtypes):
             return None
         elements = ("k", "k + 1")
         lines: list[str] = []
