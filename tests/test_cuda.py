@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import torchfuse
 from conftest import (
@@ -800,21 +801,29 @@ def test_half_pairs_are_eagers_bit_for_bit(device, dtype, launches):
         assert launches.count("vector32") == len(cases)
 
 
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+@pytest.mark.parametrize("fn", [torch.sigmoid, F.gelu, _gelu_tanh])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_sigmoid_of_halves_is_eagers_bit_for_bit(device, dtype, launches):
-    """A 16-bit sigmoid takes its reciprocal without division's slow path (tf_sigmoid_f16):
-    every 16-bit input, flat and in strided rows, through the first entry point (assembled from
-    PTX) and the vector one, as eager gives it."""
+def test_functions_of_halves_are_eagers_bit_for_bit(device, dtype, fn, launches):
+    """16-bit forms of eager's formulas: sigmoid's reciprocal without division's slow path
+    (tf_sigmoid_f16), GELU's x * fma(0.5, cdf, 0.5) (CUDA): every 16-bit input, flat and in
+    strided rows, through the first entry point (assembled from PTX) and the vector one, as
+    eager gives it."""
     if device.startswith("cuda"):
         backend._library(torch.device(device).index or 0, wait=True)
+    elif fn is not torch.sigmoid:
+        pytest.skip("eager's CPU GELU of a contiguous tensor is oneDNN's (README)")
     x = _every_half(dtype, device)
     rows = torch.empty(256, 512, dtype=dtype, device=device)[:, :256]
     rows.copy_(x.view(256, 256))
     odd = torch.cat([x, x[:1]])[1:]  # every input again, 2 bytes off 16: the scalar entry
     for a in (x, rows, odd):
-        fused = _fused(torch.sigmoid, a)
+        fused = _fused(fn, a)
         for _ in range(2):  # the first entry, then the vector one where the pointers allow
-            assert_same_bits(fused(a)[0], torch.sigmoid(a))
+            assert_same_bits(fused(a)[0], fn(a))
     if device.startswith("cuda"):
         assert {"scalar32", "vector32"} <= set(launches)
 
