@@ -564,13 +564,19 @@ class _Kernel:
         bfloat16: such a value is a pair ``h<id>`` (one 32-bit word, as loaded and stored),
         unpacked into floats ``v<id>_0``, ``v<id>_1`` only where an op computes in float; ops
         with a pair form (add, sub, mul) compute on pairs, every other op's two results are
-        rounded by one packing cvt. Other values are two floats (or ints) ``v<id>_0``,
-        ``v<id>_1``. None where no value is float16 or bfloat16, the body can fail, or a vector
-        holds one element (float64 operands beside the halves)."""
+        rounded by one packing cvt, but a bfloat16 value that no pair op takes and no output
+        stores is rounded in place, each float by one cvt (a pack and two unpacks take three).
+        Other values are two floats (or ints) ``v<id>_0``, ``v<id>_1``. None where no value is
+        float16 or bfloat16, the body can fail, or a vector holds one element (float64 operands
+        beside the halves)."""
         typed, r, dtypes, n_in = self.typed, self.r, self.dtypes, self.n_in
         n = typed.graph.n_inputs
         if self.checked or self.width % 2 or not any(d in HALVES for d in typed.dtypes):
             return None
+        pairs = [self.pair_expr(k) for k in range(len(typed.graph.ops))]
+        packed = set(typed.graph.outputs) | {
+            operand.id for op, pair in zip(typed.graph.ops, pairs) if pair is not None
+            for operand in op.operands if operand is not None and not isinstance(operand, Const)}
         elements = ("k", "k + 1")
         lines: list[str] = []
         floats: set[int] = set()  # values whose two floats are there
@@ -591,12 +597,11 @@ class _Kernel:
                 floats.add(i)
         for k in range(len(typed.graph.ops)):
             value, out = n + k, typed.dtypes[n + k]
-            pair = self.pair_expr(k)
-            if pair is not None:
-                lines.append(f"const uint32_t h{value} = {pair};")
+            if pairs[k] is not None:
+                lines.append(f"const uint32_t h{value} = {pairs[k]};")
                 continue
             expr, result = r.op_result(typed, k)
-            if out in HALVES:
+            if out == torch.float16 or (out == torch.bfloat16 and value in packed):
                 unpack(expr)
                 lines += [f"const float r{value}_{j} = (float)({_nth(expr, j)});" for j in (0, 1)]
                 lines.append(f"const uint32_t h{value} = "
