@@ -398,9 +398,11 @@ def test_half_intermediates_round_like_eager(device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_floor_division_is_eagers_bit_for_bit(device, dtype):
     """Quotients across the 16-bit types' range, where their rounding steps pass 1, by tensors,
-    by one-element tensors (eager's TensorIterator calls those scalars) and by Python numbers:
-    each device's eager computes floor division its own way (ops._div_floor, _div_floor_cuda);
-    ours gives the same bits, division by zero and overflow to infinity included."""
+    by one-element tensors and tensors expanded from one (eager's TensorIterator calls those
+    scalars; what is computed from an expanded one is a full tensor) and by Python numbers:
+    each device's eager computes floor (and truncating) division its own way (ops._div_floor,
+    _div_floor_cuda, _div_trunc); ours gives the same bits, division by zero and overflow to
+    infinity included."""
     g = torch.Generator().manual_seed(0)
     n = 1 << 16
     a = (torch.randn(n, generator=g) * 5).to(dtype).to(device)
@@ -408,11 +410,12 @@ def test_floor_division_is_eagers_bit_for_bit(device, dtype):
     b[::97] = 0
     b = b.to(device)
     floor = lambda x, y: torch.div(x, y, rounding_mode="floor")  # noqa: E731
-    for fn in (floor, torch.floor_divide):
+    trunc = lambda x, y: torch.div(x, y, rounding_mode="trunc")  # noqa: E731
+    for fn in (floor, torch.floor_divide, trunc):
         assert_same_bits(run_registered(fn, a, b)[0], fn(a, b))
         for divisor in (-0.007, 1e-3, 3.0):
             one = torch.tensor(divisor, dtype=dtype, device=device)
-            for y in (one, one.reshape(1)):
+            for y in (one, one.reshape(1), one.expand(n)):
                 for program in (fn, lambda x, y, fn=fn: fn(x, y * 2)):
                     assert_same_bits(run_registered(program, a, y)[0], program(a, y))
             by_number = lambda x, fn=fn, divisor=divisor: fn(x, divisor)  # noqa: E731

@@ -53,9 +53,10 @@ def infer_types(graph: FusionGraph, argspec: ArgSpec, cuda: bool = False) -> Typ
     for value in values:
         if value.dtype not in ops.DTYPES:
             raise ops.Unsupported(f"dtype {value.dtype}")
-    scalar = [d.scalar for d in argspec.inputs]  # and the values computed from scalars alone
+    one = [d.scalar for d in argspec.inputs]  # one element: so is what is computed from such alone
     for op in graph.ops:
-        scalar.append(all(scalar[o.id] for o in op.operands if isinstance(o, Ref)))
+        one.append(all(one[o.id] for o in op.operands if isinstance(o, Ref)))
+    scalar = [d.scalar or d.expanded for d in argspec.inputs] + one[graph.n_inputs:]
     return TypedGraph(graph, tuple(v.dtype for v in values), tuple(selected), tuple(scalar))
 
 

@@ -424,10 +424,11 @@ def _layout(spec, shapes, input_strides, device_key, dtypes, default) -> tuple:
     if all(zero_dim):
         zero_dim = (False,) * n_in  # only a mix of 0-d and n-d changes type promotion
     scalar = tuple(math.prod(s) == 1 for s in shapes)
+    expanded = tuple(not one and not any(s) for one, s in zip(scalar, strides[:n_in]))
     flat = (len(sizes) == 1 and all(c == CONTIG for c in inner) and not any(scalar)
             and all(o == (CONTIG, False) for o in outputs))
     reused = tuple(0 in m[:-1] for m in merged[:n_in])
-    layout = None if flat else (len(sizes), inner, zero_dim, reused, scalar, outputs)
+    layout = None if flat else (len(sizes), inner, zero_dim, reused, scalar, expanded, outputs)
     flat_strides = [s for m in merged for s in m]
     return (device_key, dtypes, layout, default), math.prod(shape), sizes, flat_strides, outs
 

@@ -49,7 +49,8 @@ class Operand:
     expr: str
     const: Any = None  # the Python value when the operand is a constant, else None
     dtype: torch.dtype | None = None  # the operand's own dtype (before casting)
-    scalar: bool = False  # the same value at every element: a constant or a one-element tensor
+    scalar: bool = False  # the same value at every element, as eager's is_scalar: a constant, a
+    # one-element tensor, or an input expanded from one (TensorDesc.expanded)
     original: str = ""
     """A wider operand (a 0-d float32 tensor, say) of a float16/bfloat16 computation before its
     rounding to that type, in float; empty where the two are the same."""

@@ -25,13 +25,17 @@ STRIDED = "x"  # any other stride, passed at run time
 @dataclasses.dataclass(frozen=True)
 class TensorDesc:
     """One input: its dtype, how it walks the inner dimension, whether it is 0-d, whether it
-    is *reused*: broadcast along an outer dimension, so every row reads it again (a bias), and
-    whether it is a *scalar*: a single element, the same at every position.
+    is *reused*: broadcast along an outer dimension, so every row reads it again (a bias),
+    whether it is a *scalar*: a single element, the same at every position, and whether it is
+    *expanded*: more elements, all views of one (every stride 0).
 
     0-d-ness matters because a 0-d tensor takes a weaker part in type promotion; reuse, because
     a reused input is read from cache, not streamed from memory (CUDA's vector width); a scalar,
     because eager's TensorIterator treats one as it treats a Python number, and some of its
-    kernels compute with one differently (the CPU's 16-bit floor division: ops._div_floor).
+    kernels compute with one differently (the CPU's 16-bit floor division: ops._div_floor). An
+    expanded input is a scalar to the op that reads it (TensorIterator's ``is_scalar``: every
+    stride 0), but what eager computes from it is a full tensor, where a one-element input's
+    results are one element again (compiler.infer_types).
     """
 
     dtype: torch.dtype
@@ -39,6 +43,7 @@ class TensorDesc:
     zero_dim: bool = False
     reused: bool = False
     scalar: bool = False
+    expanded: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +70,9 @@ class ArgSpec:
         if layout is None:
             descs = tuple(TensorDesc(d) for d in dtypes)
             return ArgSpec(device, 1, descs, ((CONTIG, False),) * n_outputs, default)
-        rank, inner, zero_dim, reused, scalar, outputs = layout
-        descs = tuple(TensorDesc(*desc) for desc in zip(dtypes, inner, zero_dim, reused, scalar))
+        rank, inner, zero_dim, reused, scalar, expanded, outputs = layout
+        descs = tuple(TensorDesc(*desc)
+                      for desc in zip(dtypes, inner, zero_dim, reused, scalar, expanded))
         return ArgSpec(device, rank, descs, outputs, default)
 
 

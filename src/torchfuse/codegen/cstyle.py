@@ -203,7 +203,7 @@ class TypedGraph:
     graph: FusionGraph
     dtypes: tuple[torch.dtype, ...]
     selected: tuple[ops.Selected, ...]  # one per op
-    scalar: tuple[bool, ...]  # per value: one element, the same everywhere (TensorDesc.scalar)
+    scalar: tuple[bool, ...]  # per value: what eager reads as a scalar (TensorDesc.scalar/expanded)
 
 
 def _is_float32(value: float) -> bool:
