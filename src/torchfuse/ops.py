@@ -309,8 +309,8 @@ _CLAMP = {"f": _CLAMP_CPU, "i": _clamp, "cuda": {"f": _clamp_lone_bound}}
 # one fma (we compile without contraction: -fmad=false), so the CUDA form says so. For a
 # float16/bfloat16 x, 0.5 * x * (1 + e) is x * fma(0.5, e, 0.5) bit for bit (halving x is exact,
 # as is halving 1 + e, which is 0 or at least 2**-24: each side rounds the same product once; not
-# so for float's odd subnormals): one instruction of the ~25 a 16-bit GELU takes on CUDA, where
-# such kernels are bound by arithmetic rather than memory.
+# so for float's odd subnormals): one instruction of the ~30 an element of a 16-bit GELU takes on
+# CUDA, where such kernels are bound by arithmetic rather than memory.
 _ERF_CDF = "erf{f}({a} * 0.70710678118654752440{F})"
 _TANH_CDF_CUDA = "tanh{f}(0.79788456080286535588{F} * fma{f}(0.044715{F}, {a} * {a} * {a}, {a}))"
 _GELU = {
