@@ -139,7 +139,8 @@ def test_rows_with_a_broadcast_bias_get_a_vector_entry_first():
 
 def test_half_vector_kernels_compute_on_pairs():
     """float16/bfloat16 add, sub and mul of halves (constants exact in the dtype included) run
-    on pairs; an inexact constant computes in float and one cvt rounds both results."""
+    on pairs; an inexact constant computes in float and one cvt rounds both results, but a
+    bfloat16 value that only float ops read is rounded in place (one cvt a float)."""
     x, y = torch.randn(4096).half(), torch.randn(4096).half()
     source = _source(lambda a, b: a * b + a * 0.044715 + 1.0, x, y)
     assert "const uint32_t h2 = tf_hmul2(h0, h1);" in source
@@ -149,6 +150,13 @@ def test_half_vector_kernels_compute_on_pairs():
     assert "pack2" not in _source(lambda a, b: a * b, x.float(), y.float())
     mixed = _source(lambda a, b: a * b, x, y.float())  # computes in float32: no pairs
     assert "= tf_hmul2(" not in mixed and "tf_hunpack2(h0, v0_0, v0_1)" in mixed
+    floats = _source(_quotient_of_halves, x.bfloat16(), y.bfloat16())  # a * 0.044715: division
+    assert "const float v2_0 = tf_round_bf16((float)(v0_0 * " in floats and " h2 " not in floats
+    assert "const uint32_t h2 = tf_hpack2(" in _source(_quotient_of_halves, x, y)  # float16: packed
+
+
+def _quotient_of_halves(a, b):
+    return (a * 0.044715) / (b + 3.0) - b
 
 
 def _halves_from_doubles(a, b):
@@ -789,6 +797,7 @@ def test_half_pairs_are_eagers_bit_for_bit(device, dtype, launches):
     cases = [
         (lambda a, b: (a * b, a + b, a - b, b - a * 0.5, 1.0 - a + b), a, b),  # pairs only
         (lambda a, b: a / (b + 2.0) * b + a * 0.044715, a, b),  # float ops between pairs
+        (_quotient_of_halves, a, b),  # a float op's value read by a float op alone
         (lambda a, b: (a * b).float() + a, a, b),  # a float output from a pair
         (lambda x, r: x * r - r, x, row),
     ]
