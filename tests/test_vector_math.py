@@ -134,6 +134,38 @@ def test_vml_ops_are_cpu_eagers_bits(name, dtype):
             assert_same_bits(got, want, f"{name} {tuple(a.shape)} {a.stride()}")
 
 
+def _streamed(a, b):
+    e = torch.exp(a)
+    return e * b, torch.tanh(b), e.half(), e > 1.5, torch.sqrt(a.abs()).double()
+
+
+@pytest.mark.skipif(cpu_backend.vml_functions() is None, reason="this torch has no MKL VML")
+def test_streamed_outputs_are_the_plain_stores_bits():
+    """Kernels that run in blocks write their contiguous outputs past the caches from a
+    footprint on (codegen.c.STREAM; 0 bytes here: always): the same bits as plain stores, for
+    every output dtype, flat and in rows, aligned or not (odd lengths, offsets), beside a
+    partial output (a row's) and outputs that follow a transposed input."""
+    x = inputs(-3.0, 3.0, torch.float32)
+    wide = torch.empty(4099 + 3)[3:].copy_(x[:4099])  # 12 bytes off a 64-byte line
+    rows = x[:67 * 61].view(67, 61)
+    cases = [(x, x.flip(0)), (wide, wide * 0.5), (rows, rows[0]), (rows.t(), rows.t() + 1)]
+    for a, b in cases:
+        key = torchfuse.register_fusion(trace(_streamed, a, b))
+        results = []
+        for stream_bytes in (1 << 62, 0):
+            cache.SPECS[key].kernels.clear()
+            with torchfuse.config.override(stream_bytes=stream_bytes):
+                results.append(torchfuse.run_fusion(key, a, b))
+        source = next(iter(cache.SPECS[key].kernels.values())).source
+        assert "tf_stream(out" in source and "const int stream = n >= 1;" in source
+        for plain, streamed, want in zip(*results, _streamed(a, b), strict=True):
+            assert streamed.dtype == want.dtype and streamed.shape == want.shape
+            if want.is_floating_point():
+                assert_same_bits(streamed, plain, f"{tuple(a.shape)} {a.stride()}")
+            else:
+                assert torch.equal(streamed, plain)
+
+
 @pytest.mark.skipif(cpu_backend.vml_functions() is None, reason="this torch has no MKL VML")
 def test_vml_probe_runs_on_real_tensors_under_fake_tensor_mode():
     # a first kernel may be built while torch.compile traces with fake tensors: the probe must

@@ -78,6 +78,12 @@ class Config:
     glibc's libmvec (within 4 ulp), not with the VML functions eager's kernels call (eager's
     bits; up to a quarter slower in kernels that are mostly such calls, e.g. an LSTM cell)."""
 
+    stream_bytes: int = dataclasses.field(
+        default_factory=lambda: _int("TORCHFUSE_STREAM_BYTES", -1))
+    """TORCHFUSE_STREAM_BYTES: CPU kernels that run in blocks (those calling VML) write their
+    contiguous outputs past the caches (non-temporal stores) in calls that move this many bytes
+    or more; -1 (the default): the size of the last-level cache, where the machine tells it."""
+
     ptx: bool = dataclasses.field(default_factory=lambda: _flag("TORCHFUSE_PTX", True))
     """TORCHFUSE_PTX=0: NVRTC compiles every CUDA entry point from C, scalar32 included, which
     is otherwise assembled from the PTX the code generator writes (codegen/ptx.py)."""

@@ -16,7 +16,7 @@ import torch
 from .. import ops
 from ..config import config
 from ..ir import Ref
-from ..spec import BROADCAST, ArgSpec
+from ..spec import BROADCAST, CONTIG, ArgSpec
 from .cstyle import C_TYPES, STORAGE_TYPES, CStyleRenderer, TypedGraph, helpers_for
 
 PREAMBLE = r"""#include <stdint.h>
@@ -126,6 +126,45 @@ VML_TABLE = f"""typedef void (*tf_vml_fn)(int64_t n, const void* a, void* r, int
 tf_vml_fn tf_vml[{2 * len(VML)}];  /* filled by the loader: vms/vmd{', '.join(VML)} */"""
 
 
+# A store to a line that is not in the cache reads it first (for ownership): an output costs
+# twice its bytes. Where a call's footprint outgrows the last-level cache, kernels that run in
+# blocks stage each block's results and write them past the caches (x86 non-temporal stores, in
+# asm: <immintrin.h> costs a compile 0.1 s; a copy elsewhere, and for a block's unaligned head
+# and tail). Each thread fences once, after its share of the loop: a fence after every block
+# made an Adam step 2.8x slower.
+STREAM = r"""#if defined(__x86_64__) && defined(__AVX512F__)
+#define TF_LINE 64
+#define TF_STREAM_STORE "vmovntdq %1, %0"
+#elif defined(__x86_64__) && defined(__AVX__)
+#define TF_LINE 32
+#define TF_STREAM_STORE "vmovntdq %1, %0"
+#elif defined(__x86_64__) && defined(__SSE2__)
+#define TF_LINE 16
+#define TF_STREAM_STORE "movntdq %1, %0"
+#endif
+TF_FN void tf_stream(void* restrict dst, const void* restrict src, int64_t bytes) {
+  char* d = (char*)dst;
+  const char* s = (const char*)src;
+#ifdef TF_LINE
+  typedef long long line __attribute__((vector_size(TF_LINE), aligned(1)));
+  int64_t head = (int64_t)(-(uintptr_t)d & (TF_LINE - 1));
+  if (head > bytes) head = bytes;
+  memcpy(d, s, (size_t)head);
+  d += head; s += head; bytes -= head;
+  for (; bytes >= TF_LINE; bytes -= TF_LINE, d += TF_LINE, s += TF_LINE)
+    __asm__ volatile(TF_STREAM_STORE : "=m"(*(line*)d) : "x"(*(const line*)s));
+#endif
+  memcpy(d, s, (size_t)bytes);
+}
+TF_FN void tf_fence(int stream) {
+#ifdef TF_LINE
+  if (stream) __asm__ volatile("sfence" ::: "memory");
+#else
+  (void)stream;
+#endif
+}"""
+
+
 def parallel_threshold(body: list[str]) -> int:
     """The element count from which a kernel runs on all threads: each call of a math function
     in the body counts as one more element's worth of work (measured: a thread pays off from
@@ -137,8 +176,10 @@ def parallel_threshold(body: list[str]) -> int:
 class CRenderer(CStyleRenderer):
     preamble = PREAMBLE
 
-    def __init__(self, vml: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, vml: Callable[[], bool] = lambda: False,
+                 stream_bytes: Callable[[], int | None] = lambda: None) -> None:
         self.vml = vml  # whether this process has eager's VML functions (the backend asks torch)
+        self.stream_bytes = stream_bytes  # from what footprint block kernels stream (STREAM)
 
     def render(self, typed: TypedGraph, argspec: ArgSpec) -> str:
         codes = [d.inner for d in argspec.inputs] + [inner for inner, _ in argspec.outputs]
@@ -148,11 +189,13 @@ class CRenderer(CStyleRenderer):
         parallel = (f"if(parallel: n >= {parallel_threshold(self.body(typed))}) "
                     "schedule(static) reduction(|:err)")
         blocks = self.vml_calls(typed)
+        if blocks:
+            lines.append(self._stream_flag(typed))
         if argspec.rank == 1:
             at = (lambda p: "0", lambda p: f"stride[{p}]")  # each operand's base and stride
             if blocks:
-                lines.append(f"  #pragma omp parallel for {parallel}")
-                lines += self._blocks(typed, argspec, codes, "n", "i", at, blocks, "  ")
+                lines += self._parallel(parallel, self._blocks(
+                    typed, argspec, codes, "n", "i", at, blocks, "  "))
             else:
                 lines.append(f"  #pragma omp parallel for simd {parallel}")
                 lines.append("  for (int64_t i = 0; i < n; i++) {")
@@ -162,10 +205,29 @@ class CRenderer(CStyleRenderer):
             lines += self._rows(typed, argspec, codes, parallel, blocks)
         lines += ["  return err;", "}"]
         kernel = "\n".join(lines)
-        helpers = "\n".join(filter(None, [VML_TABLE if blocks else "", helpers_for(kernel),
-                                          domain_guards(kernel), HUGE_PAGES]))
+        helpers = "\n".join(filter(None, [VML_TABLE if blocks else "", STREAM if blocks else "",
+                                          helpers_for(kernel), domain_guards(kernel),
+                                          HUGE_PAGES]))
         declarations = vector_math_declarations(helpers + kernel)
         return "\n".join([self.preamble, declarations, helpers, "", kernel, ""])
+
+    def _stream_flag(self, typed: TypedGraph) -> str:
+        """``stream``: whether this call's footprint (every operand's bytes) reaches the
+        threshold from which block kernels write their outputs past the caches."""
+        threshold = self.stream_bytes()
+        if threshold is None:
+            return "  const int stream = 0;"
+        per_element = sum(d.itemsize for d in typed.dtypes[:typed.graph.n_inputs]) + sum(
+            typed.dtypes[v].itemsize for v in typed.graph.outputs)
+        return f"  const int stream = n >= {max(1, -(-threshold // per_element))};"
+
+    @staticmethod
+    def _parallel(clauses: str, loop: list[str]) -> list[str]:
+        """``loop`` shared out among the threads, each fencing its streamed stores after its
+        share (a parallel region around the loop: ``parallel for`` leaves no place for it)."""
+        region, schedule = clauses.replace(" schedule(static)", ""), "schedule(static) nowait"
+        return [f"  #pragma omp parallel {region}", "  {", f"    #pragma omp for {schedule}",
+                *("  " + line for line in loop), "    tf_fence(stream);", "  }"]
 
     def vml_calls(self, typed: TypedGraph) -> dict[int, int]:
         """Op index -> its function's index in tf_vml, for the ops this kernel passes to VML:
@@ -213,6 +275,16 @@ class CRenderer(CStyleRenderer):
             else:
                 arrays.append(f"{C_TYPES[compute]} a{n + k}[{BLOCK}];")
             arrays.append(f"{C_TYPES[compute]} r{n + k}[{BLOCK}];")
+        # Outputs written whole and contiguous go through ``d<o>``: the output itself, or where
+        # the call streams (STREAM) a block array, streamed out after the block's stages.
+        n_in, partial = len(argspec.inputs), argspec.partial_outputs
+        staged = {o: self.inner_index(CONTIG, at[0](n_in + o), f"{j}0", "")
+                  for o in range(len(graph.outputs))
+                  if codes[n_in + o] == CONTIG and not partial[o]}
+        for o in staged:
+            t = STORAGE_TYPES[dtypes[graph.outputs[o]]]
+            arrays += [f"{t} s{o}[{BLOCK}];",
+                       f"{t}* restrict d{o} = stream ? s{o} : out{o} + {staged[o]};"]
         body = self.body(typed)  # the element path's statements, one per op
         pad2 = pad + "  "
         lines = [f"{pad}for (int64_t {j}0 = 0; {j}0 < {total}; {j}0 += {BLOCK}) {{",
@@ -234,7 +306,8 @@ class CRenderer(CStyleRenderer):
                 elif k in calls and stage[n + k] == s + 1 and k not in given:
                     loop.append(f"a{n + k}[k] = {self._vml_argument(typed, k)};")
             loop += [f"t{v}[k] = v{v};" for v in carried if stage[v] == s]
-            loop += [self._store(typed, argspec, codes, o, j, *at)
+            loop += [self.store(f"d{o}", "k", f"v{value}", dtypes[value]) if o in staged
+                     else self._store(typed, argspec, codes, o, j, *at)
                      for o, value in enumerate(graph.outputs) if stage[value] == s]
             if any(not line.startswith("const ") for line in loop):  # not loads alone
                 lines += [f"{pad2}#pragma omp simd reduction(|:err)",
@@ -243,6 +316,8 @@ class CRenderer(CStyleRenderer):
                           f"{pad2}}}"]
             lines += [f"{pad2}tf_vml[{calls[k]}](m, {given.get(k, f'a{n + k}')}, r{n + k}, "
                       f"{VML_MODE:#x});" for k in sorted(calls) if stage[n + k] == s + 1]
+        lines += [f"{pad2}if (stream) tf_stream(out{o} + {start}, s{o}, "
+                  f"m * (int64_t)sizeof(*out{o}));" for o, start in staged.items()]
         return lines + [f"{pad}}}"]
 
     def _vml_argument(self, typed: TypedGraph, k: int) -> str:
@@ -284,10 +359,8 @@ class CRenderer(CStyleRenderer):
         partial = argspec.partial_outputs
         n_in = len(argspec.inputs)
         stride_of = lambda p, d: f"stride[{p * rank + d}]"  # noqa: E731
+        head = [f"  const int64_t inner = size[{rank - 1}];", "  const int64_t rows = n / inner;"]
         lines = [
-            f"  const int64_t inner = size[{rank - 1}];",
-            "  const int64_t rows = n / inner;",
-            f"  #pragma omp parallel for {parallel}",
             "  for (int64_t row = 0; row < rows; row++) {",
             "    int64_t rem = row;",
             f"    int64_t {', '.join(f'b{p} = 0' for p in range(k))};",
@@ -306,13 +379,13 @@ class CRenderer(CStyleRenderer):
             lines.append("    }")
         at = (lambda p: f"b{p}", lambda p: stride_of(p, rank - 1))
         if blocks:
-            return [*lines, *self._blocks(typed, argspec, codes, "inner", "j", at, blocks, "    "),
-                    "  }"]
+            loop = self._blocks(typed, argspec, codes, "inner", "j", at, blocks, "    ")
+            return [*head, *self._parallel(parallel, [*lines, *loop, "  }"])]
         lines.append("    #pragma omp simd reduction(|:err)")
         lines.append("    for (int64_t j = 0; j < inner; j++) {")
         lines += self._inner(typed, argspec, codes, "j", *at)
         lines += ["    }", "  }"]
-        return lines
+        return [*head, f"  #pragma omp parallel for {parallel}", *lines]
 
     def _inner(self, typed, argspec, codes, j, base, stride) -> list[str]:
         """Loads, the body and stores for one element; ``base(p)``/``stride(p)`` of operand p."""

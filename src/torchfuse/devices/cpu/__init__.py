@@ -6,6 +6,7 @@ import array
 import contextlib
 import ctypes
 import functools
+import glob
 import hashlib
 import os
 import platform
@@ -125,6 +126,28 @@ def _libs(flags: tuple[str, ...]) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=1)
+def last_level_cache() -> int | None:
+    """Bytes of the largest cache the CPU reports (Linux sysfs), or None."""
+    sizes = []
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(index) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=None)
+
+
+def stream_bytes() -> int | None:
+    """From what footprint a call's block kernels stream their outputs (codegen.c.STREAM)."""
+    return config.stream_bytes if config.stream_bytes >= 0 else last_level_cache()
+
+
+@functools.lru_cache(maxsize=1)
 def _cpu_identity() -> str:
     """What -march=native compiles for: the machine and its instruction-set flags."""
     features = ""
@@ -167,7 +190,8 @@ def vml_functions() -> tuple[int, ...] | None:
 
 
 class CPUBackend:
-    renderer = CRenderer(vml=lambda: config.vml and vml_functions() is not None)
+    renderer = CRenderer(vml=lambda: config.vml and vml_functions() is not None,
+                         stream_bytes=stream_bytes)
 
     def unavailable(self) -> str | None:
         if _compiler_identity(config.cc) is None:
