@@ -165,6 +165,9 @@ TF_FN void tf_fence(int stream) {
 }"""
 
 
+PARALLEL_FOR = "schedule(static) reduction(|:err)"  # a loop's clauses besides its `if`
+
+
 def parallel_threshold(body: list[str]) -> int:
     """The element count from which a kernel runs on all threads: each call of a math function
     in the body counts as one more element's worth of work (measured: a thread pays off from
@@ -186,23 +189,22 @@ class CRenderer(CStyleRenderer):
         lines = self._prologue(typed, argspec, len(codes))
         # "parallel:" keeps the condition off the simd part of "parallel for simd": below the
         # threshold the loop still runs vectorised, on one thread.
-        parallel = (f"if(parallel: n >= {parallel_threshold(self.body(typed))}) "
-                    "schedule(static) reduction(|:err)")
+        when = f"if(parallel: n >= {parallel_threshold(self.body(typed))})"
         blocks = self.vml_calls(typed)
         if blocks:
             lines.append(self._stream_flag(typed))
         if argspec.rank == 1:
             at = (lambda p: "0", lambda p: f"stride[{p}]")  # each operand's base and stride
             if blocks:
-                lines += self._parallel(parallel, self._blocks(
+                lines += self._parallel(when, self._blocks(
                     typed, argspec, codes, "n", "i", at, blocks, "  "))
             else:
-                lines.append(f"  #pragma omp parallel for simd {parallel}")
+                lines.append(f"  #pragma omp parallel for simd {when} {PARALLEL_FOR}")
                 lines.append("  for (int64_t i = 0; i < n; i++) {")
                 lines += self._inner(typed, argspec, codes, "i", *at)
                 lines.append("  }")
         else:
-            lines += self._rows(typed, argspec, codes, parallel, blocks)
+            lines += self._rows(typed, argspec, codes, when, blocks)
         lines += ["  return err;", "}"]
         kernel = "\n".join(lines)
         helpers = "\n".join(filter(None, [VML_TABLE if blocks else "", STREAM if blocks else "",
@@ -222,11 +224,12 @@ class CRenderer(CStyleRenderer):
         return f"  const int stream = n >= {max(1, -(-threshold // per_element))};"
 
     @staticmethod
-    def _parallel(clauses: str, loop: list[str]) -> list[str]:
-        """``loop`` shared out among the threads, each fencing its streamed stores after its
-        share (a parallel region around the loop: ``parallel for`` leaves no place for it)."""
-        region, schedule = clauses.replace(" schedule(static)", ""), "schedule(static) nowait"
-        return [f"  #pragma omp parallel {region}", "  {", f"    #pragma omp for {schedule}",
+    def _parallel(when: str, loop: list[str]) -> list[str]:
+        """``loop`` shared out among the threads (from the ``when`` clause on), each fencing its
+        streamed stores after its share (a parallel region around the loop: ``parallel for``
+        leaves no place for it)."""
+        return [f"  #pragma omp parallel {when} reduction(|:err)", "  {",
+                "    #pragma omp for schedule(static) nowait",
                 *("  " + line for line in loop), "    tf_fence(stream);", "  }"]
 
     def vml_calls(self, typed: TypedGraph) -> dict[int, int]:
@@ -351,7 +354,7 @@ class CRenderer(CStyleRenderer):
         return lines + [f"  tf_huge_pages(out{o}, n * (int64_t)sizeof(*out{o}));"
                         for o, partial in enumerate(argspec.partial_outputs) if not partial]
 
-    def _rows(self, typed: TypedGraph, argspec: ArgSpec, codes: list[str], parallel: str,
+    def _rows(self, typed: TypedGraph, argspec: ArgSpec, codes: list[str], when: str,
               blocks: dict[int, int]) -> list[str]:
         """Rank >= 2: one parallel loop over rows (all outer dims), a simd loop over the inner
         (or, where ops go to VML, its blocks)."""
@@ -380,12 +383,12 @@ class CRenderer(CStyleRenderer):
         at = (lambda p: f"b{p}", lambda p: stride_of(p, rank - 1))
         if blocks:
             loop = self._blocks(typed, argspec, codes, "inner", "j", at, blocks, "    ")
-            return [*head, *self._parallel(parallel, [*lines, *loop, "  }"])]
+            return [*head, *self._parallel(when, [*lines, *loop, "  }"])]
         lines.append("    #pragma omp simd reduction(|:err)")
         lines.append("    for (int64_t j = 0; j < inner; j++) {")
         lines += self._inner(typed, argspec, codes, "j", *at)
         lines += ["    }", "  }"]
-        return [*head, f"  #pragma omp parallel for {parallel}", *lines]
+        return [*head, f"  #pragma omp parallel for {when} {PARALLEL_FOR}", *lines]
 
     def _inner(self, typed, argspec, codes, j, base, stride) -> list[str]:
         """Loads, the body and stores for one element; ``base(p)``/``stride(p)`` of operand p."""
