@@ -147,7 +147,7 @@ def test_explain_report():
     text = str(report)
     assert "fusion_0" in text and "mm" in text and "not a pointwise op" in text
     assert "tf_kernel" in text  # each group's kernel source
-    assert len(report.groups) == 1 and report.groups[0].source.startswith("#include")
+    assert len(report.groups) == 1 and "#include <stdint.h>" in report.groups[0].source
     mermaid = report.to_mermaid()
     assert mermaid.startswith("graph TD") and "fusion_0" in mermaid and "-->" in mermaid
 

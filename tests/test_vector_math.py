@@ -166,6 +166,82 @@ def test_streamed_outputs_are_the_plain_stores_bits():
                 assert torch.equal(streamed, plain)
 
 
+def _plain_ops(a, b):  # no VML op: the plain loop, and a streamed entry for big calls
+    s = torch.sigmoid(a) * b
+    return s, (a * 2).half(), a > b, (s + 1).double(), torch.where(b > 0, b, a * 3)
+
+
+def test_streamed_entry_gives_the_plain_entrys_bits():
+    """A kernel without VML calls runs its plain loop, and calls from the cache's size (0 bytes
+    here: every call) its second entry, built at the first such call on a thread, which writes
+    its contiguous outputs past the caches: the same bits, for every output dtype, flat and in
+    rows, aligned or not, beside a partial output and outputs that follow a transposed input;
+    through the general path and through a plan's prepared call."""
+    x = inputs(-3.0, 3.0, torch.float32)
+    wide = torch.empty(4099 + 3)[3:].copy_(x[:4099])  # 12 bytes off a 64-byte line
+    rows = x[:67 * 61].view(67, 61)
+    cases = [(x, x.flip(0)), (wide, wide * 0.5), (rows, rows[0]), (rows.t(), rows.t() + 1)]
+    for a, b in cases:
+        key = torchfuse.register_fusion(trace(_plain_ops, a, b))
+        store = cache.SPECS[key].kernels
+        store.clear()
+        plain = torchfuse.run_fusion(key, a, b)
+        store.clear()
+        with torchfuse.config.override(stream_bytes=0):
+            first = torchfuse.run_fusion(key, a, b)  # the plain entry: the other is building
+            store.settle()
+            launch = next(iter(store.values())).launch
+            assert launch.streamed is not None and launch.stream_from == 1
+            assert launch.source.startswith("// streamed entry: n >= 1\n")
+            results = [first] + [torchfuse.run_fusion(key, a, b) for _ in range(3)]
+        for outputs in results:
+            for got, want in zip(outputs, plain, strict=True):
+                assert got.dtype == want.dtype and got.stride() == want.stride()
+                if want.is_floating_point():
+                    assert_same_bits(got, want, f"{tuple(a.shape)} {a.stride()}")
+                else:
+                    assert torch.equal(got, want)
+
+
+def test_streamed_entry_only_where_the_cache_size_is_known(monkeypatch):
+    x = inputs(-3.0, 3.0, torch.float32)
+    key = torchfuse.register_fusion(trace(_plain_ops, x, x))
+    for size, streams in ((None, False), (1 << 20, True)):
+        monkeypatch.setattr(cpu_backend, "last_level_cache", lambda size=size: size)
+        cache.SPECS[key].kernels.clear()
+        with torchfuse.config.override(stream_bytes=-1):  # the cache's size decides
+            torchfuse.run_fusion(key, x, x)
+        source = next(iter(cache.SPECS[key].kernels.values())).source
+        assert ("#ifdef TF_STREAMED" in source) == streams
+        per_element = 4 + 4 + 4 + 2 + 1 + 8 + 4  # bytes: two inputs, five outputs
+        assert c_codegen.streamed_from(source) == (
+            -(-(1 << 20) // per_element) if streams else None)
+
+
+def test_a_streamed_entry_that_fails_to_build_leaves_the_plain_one(monkeypatch):
+    x = inputs(-3.0, 3.0, torch.float32)
+    key = torchfuse.register_fusion(trace(_plain_ops, x, x))
+    store = cache.SPECS[key].kernels
+    store.clear()
+    plain = torchfuse.run_fusion(key, x, x)
+    store.clear()
+    build = cpu_backend.BACKEND.compile_entry
+
+    def refuse(source, device, entry):
+        if entry == "streamed":
+            raise torchfuse.devices.CompileError("refused")
+        return build(source, device, entry)
+
+    monkeypatch.setattr(cpu_backend.BACKEND, "compile_entry", refuse)
+    with torchfuse.config.override(stream_bytes=0, cache=False):  # (no streamed entry on disk)
+        torchfuse.run_fusion(key, x, x)
+        store.settle()
+        launch = next(iter(store.values())).launch
+        assert launch.streamed is None and launch.stream_from > 1 << 62  # no second try
+        for got, want in zip(torchfuse.run_fusion(key, x, x), plain, strict=True):
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
 @pytest.mark.skipif(cpu_backend.vml_functions() is None, reason="this torch has no MKL VML")
 def test_vml_probe_runs_on_real_tensors_under_fake_tensor_mode():
     # a first kernel may be built while torch.compile traces with fake tensors: the probe must

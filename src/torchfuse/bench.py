@@ -1,6 +1,7 @@
 """The benchmark: torchfuse against eager, Inductor and the bandwidth floor, in one run.
 
     python -m torchfuse.bench [--device cpu|cuda] [--quick] [--json PATH] [--only NAME ...]
+        [--large N]
 
 Every workload runs at a large size (memory bound) and a small size (overhead bound). Columns:
 eager; ``torch.compile`` with Inductor; torchfuse through ``torch.compile``; torchfuse's
@@ -842,6 +843,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="NAME",
         help="run only workloads whose label contains one of these",
     )
+    parser.add_argument("--large", type=int, metavar="N",
+                        help="elements at the large size (default: 16M on CPU, 64M on a GPU)")
     parser.add_argument("--first-call", metavar="BACKEND", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     device = torch.device(options.device)
@@ -856,7 +859,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--device cuda: no GPU here")
     if device.type == "cpu":
         steady_heap()
-    result = run(device, plan_for(device, options.quick), options.only)
+    plan = plan_for(device, options.quick)
+    if options.large:
+        plan = dataclasses.replace(plan, large=options.large)
+    result = run(device, plan, options.only)
     print(report(result))
     if options.json:
         with open(options.json, "w") as f:

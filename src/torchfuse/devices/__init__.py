@@ -19,6 +19,20 @@ class CompileError(RuntimeError):
     """The device compiler rejected generated source; the message says how to reproduce it."""
 
 
+class EntryBuild:
+    """The disk cache's view of compiling one more entry point of a source (a backend's
+    ``compile_entry``, which the first build did not compile): its key names the entry."""
+
+    def __init__(self, backend: Backend, entry: str) -> None:
+        self.backend, self.entry = backend, entry
+
+    def target(self, device: torch.device) -> str:
+        return f"{self.backend.target(device)} | entry {self.entry}"
+
+    def compile(self, source: str, device: torch.device) -> bytes:
+        return self.backend.compile_entry(source, device, self.entry)
+
+
 class Backend(Protocol):
     renderer: CStyleRenderer
 
@@ -30,6 +44,9 @@ class Backend(Protocol):
 
     def compile(self, source: str, device: torch.device) -> bytes:
         """Source to a loadable binary. Raises CompileError."""
+
+    def compile_entry(self, source: str, device: torch.device, entry: str) -> bytes:
+        """One more entry point of a source (named in it), which ``compile`` leaves out."""
 
     def load(self, binary: bytes, device: torch.device, source: str) -> Callable[..., int]:
         """A binary (of ``source``) to ``launch(numel, sizes, strides, tensors) -> error code``;

@@ -13,7 +13,10 @@ import platform
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -23,10 +26,11 @@ try:  # (torch's own; where it has none, no dispatch mode is expected at a build
 except ImportError:  # pragma: no cover
     _no_dispatch_modes = contextlib.nullcontext
 
-from ... import ops
-from ...codegen.c import VML, VML_MODE, CRenderer
-from ...config import config
-from .. import CompileError, launcher
+from ... import diskcache, ops
+from ...cache import count
+from ...codegen.c import VML, VML_MODE, CRenderer, streamed_from
+from ...config import config, log
+from .. import CompileError, EntryBuild, launcher
 
 # -ffp-contract=off: eager rounds every op's result, so a product feeding an add is rounded
 # first; gcc's default (fast) would fuse the two into one multiply-add, rounding once.
@@ -212,11 +216,15 @@ class CPUBackend:
         return _empty
 
     def compile(self, source: str, device: torch.device) -> bytes:
+        return self.compile_entry(source, device, "plain")
+
+    def compile_entry(self, source: str, device: torch.device, entry: str) -> bytes:
+        """The source's plain entry, or its ``streamed`` one (codegen/c.STREAMED_ENTRY)."""
         reason = self.unavailable()
         if reason:
             raise CompileError(reason)
         cc = config.cc
-        flags = _flags(cc, config.cflags)
+        flags = _flags(cc, config.cflags) + (("-DTF_STREAMED",) if entry == "streamed" else ())
         cmd = [cc, *flags, "-o", "kernel.so", "kernel.c", *_libs(flags)]
         with tempfile.TemporaryDirectory(dir=_private_dir()) as work:
             with open(os.path.join(work, "kernel.c"), "w") as f:
@@ -228,36 +236,103 @@ class CPUBackend:
                 return f.read()
 
     def load(self, binary: bytes, device: torch.device, source: str) -> Callable[..., int]:
-        # dlopen needs a file; it may go as soon as the library is mapped.
-        fd, path = tempfile.mkstemp(suffix=".so", dir=_private_dir())
+        plain = _launch(binary, source)
+        stream_from = streamed_from(source)
+        if stream_from is None:
+            return plain
+        return _Streaming(self, source, device, plain, stream_from)
+
+
+def _launch(binary: bytes, source: str) -> Callable[..., int]:
+    """The launch of a library's tf_kernel (through the native launcher where it is built)."""
+    # dlopen needs a file; it may go as soon as the library is mapped.
+    fd, path = tempfile.mkstemp(suffix=".so", dir=_private_dir())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(binary)
+        library = ctypes.CDLL(path)
+    finally:
+        os.unlink(path)
+    if "tf_vml[" in source:  # the kernel calls eager's VML functions: tell it where
+        addresses = vml_functions()
+        table = (ctypes.c_void_p * len(addresses)).in_dll(library, "tf_vml")
+        table[:] = addresses
+    function = library.tf_kernel
+    native = launcher.get()
+    if native is not None:
+        address = ctypes.cast(function, ctypes.c_void_p).value
+        launch = functools.partial(native.cpu, address)
+        launch.prepare = functools.partial(_prepare, native, address, library)
+    else:
+        function.restype = ctypes.c_int
+        function.argtypes = [ctypes.c_void_p]
+
+        def launch(numel: int, sizes: list[int], strides: list[int], tensors: list) -> int:
+            # array.array packs the int64 arguments ~4x faster than a ctypes array does.
+            args = array.array("q", [numel, *sizes, *strides, *[
+                t if isinstance(t, int) else t.data_ptr() for t in tensors]])
+            return function(args.buffer_info()[0])
+
+    launch.library = library  # keeps the library mapped while the kernel lives
+    return launch
+
+
+class _Streaming:
+    """The launch of a kernel with a streamed entry (codegen/c.STREAMED_ENTRY): calls from
+    ``stream_from`` elements go to that entry, which the first such call has built on a thread
+    (the plain entry serves meanwhile, as it serves smaller calls)."""
+
+    def __init__(self, backend: CPUBackend, source: str, device: torch.device,
+                 plain: Callable[..., int], stream_from: int) -> None:
+        self.backend, self.source, self.device = backend, source, device
+        self.plain, self.streamed, self.stream_from = plain, None, stream_from
+        self.lock = threading.Lock()
+        self.background: threading.Thread | None = None
+
+    def __call__(self, numel: int, sizes: list[int], strides: list[int], tensors: list) -> int:
+        return self._pick(numel)(numel, sizes, strides, tensors)
+
+    def prepare(self, numel: int, sizes: list[int], strides: list[int], outs: tuple,
+                n_operands: int):
+        """The call of the entry that serves ``numel`` elements, bound to a plan (see _prepare);
+        None while that entry is being built (a call prepared now would never use it)."""
+        launch = self._pick(numel)
+        if launch is self.plain and numel >= self.stream_from:
+            return None
+        prepare = getattr(launch, "prepare", None)
+        return None if prepare is None else prepare(numel, sizes, strides, outs, n_operands)
+
+    def _pick(self, numel: int) -> Callable[..., int]:
+        if numel < self.stream_from:
+            return self.plain
+        if self.streamed is None:
+            with self.lock:
+                if self.background is None:
+                    self.background = threading.Thread(target=self._build, daemon=True,
+                                                       name="torchfuse-cc")
+                    self.background.start()
+            return self.streamed or self.plain
+        return self.streamed
+
+    def _build(self) -> None:
+        start = time.perf_counter()
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(binary)
-            library = ctypes.CDLL(path)
-        finally:
-            os.unlink(path)
-        if "tf_vml[" in source:  # the kernel calls eager's VML functions: tell it where
-            addresses = vml_functions()
-            table = (ctypes.c_void_p * len(addresses)).in_dll(library, "tf_vml")
-            table[:] = addresses
-        function = library.tf_kernel
-        native = launcher.get()
-        if native is not None:
-            address = ctypes.cast(function, ctypes.c_void_p).value
-            launch = functools.partial(native.cpu, address)
-            launch.prepare = functools.partial(_prepare, native, address, library)
-        else:
-            function.restype = ctypes.c_int
-            function.argtypes = [ctypes.c_void_p]
+            binary, compiled = diskcache.load_or_compile(
+                EntryBuild(self.backend, "streamed"), self.source, self.device)
+            self.streamed = _launch(binary, self.source)
+        except Exception as error:  # the plain entry serves every call
+            self.stream_from = sys.maxsize
+            log(1, f"torchfuse: a C kernel's streamed entry failed to build: {error}")
+            return
+        seconds = time.perf_counter() - start
+        count(**({"background_compiles": 1, "background_seconds": seconds} if compiled
+                 else {"disk_hits": 1}))
+        log(2, f"streamed entry ready in {seconds * 1000:.1f} ms")
 
-            def launch(numel: int, sizes: list[int], strides: list[int], tensors: list) -> int:
-                # array.array packs the int64 arguments ~4x faster than a ctypes array does.
-                args = array.array("q", [numel, *sizes, *strides, *[
-                    t if isinstance(t, int) else t.data_ptr() for t in tensors]])
-                return function(args.buffer_info()[0])
-
-        launch.library = library  # keeps the library mapped while the kernel lives
-        return launch
+    def wait(self) -> None:
+        """Until the streamed entry is built (or failed), where a call started it."""
+        if self.background is not None:
+            self.background.join()
 
 
 # What Inductor's CPU wrappers allocate with: half the cost of torch.empty_strided.

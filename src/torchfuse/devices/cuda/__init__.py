@@ -54,7 +54,7 @@ from ...cache import count
 from ...codegen import ptx
 from ...codegen.cuda import BLOCK, PREAMBLE, PTX_MARK, CUDARenderer
 from ...config import config, log
-from .. import CompileError, launcher
+from .. import CompileError, EntryBuild, launcher
 
 INDEX_LIMIT = 2**31  # 32-bit kernels serve every element offset below this
 CHUNK = 2**30  # elements per launch of a flat kernel beyond INDEX_LIMIT (keeps 16-byte alignment)
@@ -447,19 +447,6 @@ def _code_bytes(code) -> bytes:
     return binary.encode() if isinstance(binary, str) else bytes(binary)
 
 
-class _Entry:
-    """The disk cache's view of compiling one more entry point of a source."""
-
-    def __init__(self, backend: CUDABackend, entry: str) -> None:
-        self.backend, self.entry = backend, entry
-
-    def target(self, device: torch.device) -> str:
-        return f"{self.backend.target(device)} | entry {self.entry}"
-
-    def compile(self, source: str, device: torch.device) -> bytes:
-        return self.backend.compile_entry(source, device, self.entry)
-
-
 def entry_points(source: str) -> list[str]:
     """The entry points a rendered source names (codegen/cuda.py), the first compiled first."""
     return _header(source, "entry points")
@@ -568,7 +555,7 @@ class _Launcher:
                 if entry not in self.kernels:
                     start = time.perf_counter()
                     binary, compiled = diskcache.load_or_compile(
-                        _Entry(self.backend, entry), self.source, self.device)
+                        EntryBuild(self.backend, entry), self.source, self.device)
                     self._add(entry, binary)
                     seconds = time.perf_counter() - start
                     if not compiled:
