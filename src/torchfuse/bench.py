@@ -392,7 +392,7 @@ def measure(workload: Workload, n: int, device: torch.device, plan: Plan, root: 
     before = torchfuse.cache_info()
     calls["torchfuse"] = _compiled_column(row, "torchfuse", program, inputs, want, root)
     row["torchfuse_group_compile_s"] = _group_compile_seconds(before, torchfuse.cache_info())
-    _settle()  # CUDA vector entry points build on a thread: time the kernels calls will use
+    _settle()  # second entries build on a thread (devices/*): time the kernels calls will use
     row["torchfuse_background_compile_s"] = _group_compile_seconds(
         before, torchfuse.cache_info(), "background_compiles", "background_seconds")
     args = workload.views(*inputs) if workload.views else tuple(inputs)
@@ -637,7 +637,8 @@ def report(result: dict) -> str:
             "Compile (large size, cold caches). build = one fusion group's kernel built alone "
             "(median of 3); in torch.compile = the same build on a thread beside Dynamo's "
             "tracing, which holds the interpreter meanwhile (per group); then on a thread = the "
-            "CUDA vector entry's background build; first call = trace + compile + run.",
+            "background build of a second entry (CUDA's vector entry; the CPU's streamed one, for "
+            "calls past the last-level cache); first call = trace + compile + run.",
             compile_table(large),
             *([program_line(result["program_compile_s"])] if "program_compile_s" in result else []),
             *([start_line(result["process_start_s"])] if "process_start_s" in result else []),
@@ -729,7 +730,7 @@ def first_call(backend: str, device: torch.device) -> dict[str, float]:
     torch.compile(four_groups, backend=backend)(*inputs)
     _sync(device)
     seconds = time.perf_counter() - start
-    _settle()  # background builds (CUDA's vector entries) count as compiles too
+    _settle()  # background builds (second entries) count as compiles too
     info = torchfuse.cache_info()
     return {"seconds": seconds, "compiles": info["compiles"] + info["background_compiles"]}
 

@@ -24,7 +24,7 @@ class Stats:
     fallbacks: int = 0  # calls that ran through the fallback
     disk_hits: int = 0  # kernels loaded from the on-disk cache instead of compiled
     background_compiles: int = 0  # compiled on a thread while the kernel already runs (CUDA's
-    background_seconds: float = 0.0  # vector entry points), not on any caller's path
+    background_seconds: float = 0.0  # vector entries, the CPU's streamed ones), off callers' paths
     assembled: int = 0  # CUDA scalar32 entries assembled from PTX (codegen/ptx.py), not NVRTC's
 
     def reset(self) -> None:
