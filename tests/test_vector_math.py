@@ -134,6 +134,24 @@ def test_vml_ops_are_cpu_eagers_bits(name, dtype):
             assert_same_bits(got, want, f"{name} {tuple(a.shape)} {a.stride()}")
 
 
+def _stream_cases() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Flat, unaligned (odd lengths, offsets), rows beside a partial output (a row's), and a
+    transposed input whose layout the outputs follow."""
+    x = inputs(-3.0, 3.0, torch.float32)
+    wide = torch.empty(4099 + 3)[3:].copy_(x[:4099])  # 12 bytes off a 64-byte line
+    rows = x[:67 * 61].view(67, 61)
+    return [(x, x.flip(0)), (wide, wide * 0.5), (rows, rows[0]), (rows.t(), rows.t() + 1)]
+
+
+def _assert_same_outputs(got: tuple, want: tuple, where: str) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape and g.stride() == w.stride()
+        if w.is_floating_point():
+            assert_same_bits(g, w, where)
+        else:
+            assert torch.equal(g, w)
+
+
 def _streamed(a, b):
     e = torch.exp(a)
     return e * b, torch.tanh(b), e.half(), e > 1.5, torch.sqrt(a.abs()).double()
@@ -145,11 +163,7 @@ def test_streamed_outputs_are_the_plain_stores_bits():
     footprint on (codegen.c.STREAM; 0 bytes here: always): the same bits as plain stores, for
     every output dtype, flat and in rows, aligned or not (odd lengths, offsets), beside a
     partial output (a row's) and outputs that follow a transposed input."""
-    x = inputs(-3.0, 3.0, torch.float32)
-    wide = torch.empty(4099 + 3)[3:].copy_(x[:4099])  # 12 bytes off a 64-byte line
-    rows = x[:67 * 61].view(67, 61)
-    cases = [(x, x.flip(0)), (wide, wide * 0.5), (rows, rows[0]), (rows.t(), rows.t() + 1)]
-    for a, b in cases:
+    for a, b in _stream_cases():
         key = torchfuse.register_fusion(trace(_streamed, a, b))
         results = []
         for stream_bytes in (1 << 62, 0):
@@ -158,12 +172,7 @@ def test_streamed_outputs_are_the_plain_stores_bits():
                 results.append(torchfuse.run_fusion(key, a, b))
         source = next(iter(cache.SPECS[key].kernels.values())).source
         assert "tf_stream(out" in source and "const int stream = n >= 1;" in source
-        for plain, streamed, want in zip(*results, _streamed(a, b), strict=True):
-            assert streamed.dtype == want.dtype and streamed.shape == want.shape
-            if want.is_floating_point():
-                assert_same_bits(streamed, plain, f"{tuple(a.shape)} {a.stride()}")
-            else:
-                assert torch.equal(streamed, plain)
+        _assert_same_outputs(results[1], results[0], f"{tuple(a.shape)} {a.stride()}")
 
 
 def _plain_ops(a, b):  # no VML op: the plain loop, and a streamed entry for big calls
@@ -177,11 +186,7 @@ def test_streamed_entry_gives_the_plain_entrys_bits():
     its contiguous outputs past the caches: the same bits, for every output dtype, flat and in
     rows, aligned or not, beside a partial output and outputs that follow a transposed input;
     through the general path and through a plan's prepared call."""
-    x = inputs(-3.0, 3.0, torch.float32)
-    wide = torch.empty(4099 + 3)[3:].copy_(x[:4099])  # 12 bytes off a 64-byte line
-    rows = x[:67 * 61].view(67, 61)
-    cases = [(x, x.flip(0)), (wide, wide * 0.5), (rows, rows[0]), (rows.t(), rows.t() + 1)]
-    for a, b in cases:
+    for a, b in _stream_cases():
         key = torchfuse.register_fusion(trace(_plain_ops, a, b))
         store = cache.SPECS[key].kernels
         store.clear()
@@ -195,12 +200,7 @@ def test_streamed_entry_gives_the_plain_entrys_bits():
             assert launch.source.startswith("// streamed entry: n >= 1\n")
             results = [first] + [torchfuse.run_fusion(key, a, b) for _ in range(3)]
         for outputs in results:
-            for got, want in zip(outputs, plain, strict=True):
-                assert got.dtype == want.dtype and got.stride() == want.stride()
-                if want.is_floating_point():
-                    assert_same_bits(got, want, f"{tuple(a.shape)} {a.stride()}")
-                else:
-                    assert torch.equal(got, want)
+            _assert_same_outputs(outputs, plain, f"{tuple(a.shape)} {a.stride()}")
 
 
 def test_streamed_entry_only_where_the_cache_size_is_known(monkeypatch):
@@ -238,8 +238,7 @@ def test_a_streamed_entry_that_fails_to_build_leaves_the_plain_one(monkeypatch):
         store.settle()
         launch = next(iter(store.values())).launch
         assert launch.streamed is None and launch.stream_from > 1 << 62  # no second try
-        for got, want in zip(torchfuse.run_fusion(key, x, x), plain, strict=True):
-            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        _assert_same_outputs(torchfuse.run_fusion(key, x, x), plain, "plain after a failure")
 
 
 @pytest.mark.skipif(cpu_backend.vml_functions() is None, reason="this torch has no MKL VML")
