@@ -83,7 +83,7 @@ class Config:
     """TORCHFUSE_STREAM_BYTES: CPU kernels write their contiguous outputs past the caches
     (non-temporal stores) in calls that move this many bytes or more (those calling VML in
     their loop in blocks, the others through a second entry built at the first such call);
-    -1 (the default): the size of the last-level cache, where the machine tells it."""
+    -1 (the default): the size of the last-level cache, where the machine tells it (x86-64)."""
 
     ptx: bool = dataclasses.field(default_factory=lambda: _flag("TORCHFUSE_PTX", True))
     """TORCHFUSE_PTX=0: NVRTC compiles every CUDA entry point from C, scalar32 included, which

@@ -129,9 +129,9 @@ tf_vml_fn tf_vml[{2 * len(VML)}];  /* filled by the loader: vms/vmd{', '.join(VM
 # A store to a line that is not in the cache reads it first (for ownership): an output costs
 # twice its bytes. Where a call's footprint outgrows the last-level cache, kernels that run in
 # blocks stage each block's results and write them past the caches (x86 non-temporal stores, in
-# asm: <immintrin.h> costs a compile 0.1 s; a copy elsewhere, and for a block's unaligned head
-# and tail). Each thread fences once, after its share of the loop: a fence after every block
-# made an Adam step 2.8x slower.
+# asm: <immintrin.h> costs a compile 0.1 s; a copy for a block's unaligned head and tail; other
+# CPUs do not stream, devices/cpu.stream_bytes). Each thread fences once, after its share of the
+# loop: a fence after every block made an Adam step 2.8x slower.
 STREAM = r"""#if defined(__x86_64__) && defined(__AVX512F__)
 #define TF_LINE 64
 #define TF_STREAM_STORE "vmovntdq %1, %0"

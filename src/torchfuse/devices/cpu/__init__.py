@@ -147,7 +147,11 @@ def last_level_cache() -> int | None:
 
 
 def stream_bytes() -> int | None:
-    """From what footprint a call's block kernels stream their outputs (codegen.c.STREAM)."""
+    """From what footprint a call's kernels stream their outputs (codegen.c.STREAM); None where
+    they do not: the cache's size unknown, or a CPU without the x86 non-temporal stores (a copy
+    through a block array would only cost there)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
     return config.stream_bytes if config.stream_bytes >= 0 else last_level_cache()
 
 
