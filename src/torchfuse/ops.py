@@ -272,6 +272,10 @@ def _pow_f(ctx: Ctx, a: Operand, b: Operand) -> str:
     # float16 on the CPU; sqrt and pow differ at -inf, so there ±0.5 stay pow.
     special = ctx.cuda or ctx.compute != torch.float16 or abs(exponent or 0.5) != 0.5
     table = _POW_SPECIAL_CUDA if ctx.cuda else _POW_SPECIAL
+    if exponent == 0.5 and not special:
+        # gcc's vectorizer makes pow(x, 0.5) sqrt(x), which differs at -0 and -inf: put back
+        # pow's +0 and +inf there
+        return ctx.fmt("({a} == -INFINITY ? INFINITY : pow{f}({a}, {b}) + 0)", (a, b))
     if exponent not in table or not special:
         return ctx.fmt("pow{f}({a}, {b})", (a, b))
     if half and exponent in _POW_SPECIAL_16 and (ctx.cuda or ctx.compute == torch.bfloat16):

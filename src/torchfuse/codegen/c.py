@@ -25,11 +25,50 @@ PREAMBLE = r"""#include <stdint.h>
 #include <math.h>
 
 #define TF_FN static inline
-typedef _Float16 tf_half;
-TF_FN float tf_h2f(tf_half h) { return (float)h; }
-TF_FN tf_half tf_f2h(float f) { return (tf_half)f; }
 TF_FN uint32_t tf_f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 TF_FN float tf_u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+/* float16 as its bits, converted in integer and float arithmetic that gcc vectorises, selects
+   as bit masks (it does not vectorise _Float16's own conversions, gcc 12 even with AVX512-FP16,
+   which left a float16 kernel's loop scalar: 8-20x slower than Inductor's). Exact both ways,
+   round to nearest even (every float16 and every float32 bit pattern checked against the
+   hardware's conversion); a NaN keeps its sign (quiet, payload not kept: c10::Half's scalar
+   conversion). A float16 subnormal is renormalised from a normal float, so flush-to-zero
+   (torch.set_flush_denormal) does not touch it. */
+typedef uint16_t tf_half;
+TF_FN float tf_h2f(tf_half h) {
+  const uint32_t bits = (uint32_t)(h & 0x7fffu) << 13, exponent = bits & 0x0f800000u;
+  const uint32_t normal = bits + ((127u - 15u) << 23);
+  const uint32_t special = normal + ((128u - 16u) << 23);  /* inf, NaN */
+  const uint32_t subnormal = tf_f2u(tf_u2f(normal + (1u << 23)) - 0x1p-14f);  /* (and zero) */
+  const uint32_t is_special = 0u - (uint32_t)(exponent == 0x0f800000u);
+  const uint32_t is_subnormal = 0u - (uint32_t)(exponent == 0u);
+  const uint32_t u = (normal & ~(is_special | is_subnormal)) | (special & is_special)
+                     | (subnormal & is_subnormal);
+  return tf_u2f(u | (uint32_t)(h & 0x8000u) << 16);
+}
+TF_FN tf_half tf_f2h(float f) {  /* the FP16 library's fp16_ieee_from_fp32_value (c10's) */
+  const uint32_t w = tf_f2u(f), twice = w + w, sign = w & 0x80000000u;
+  float base = (fabsf(f) * 0x1p112f) * 0x1p-110f;  /* past float16's range: inf */
+  uint32_t bias = twice & 0xff000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = tf_u2f((bias >> 1) + 0x07800000u) + base;  /* the sum rounds to float16's bits */
+  const uint32_t bits = tf_f2u(base);
+  const uint32_t value = ((bits >> 13) & 0x7c00u) + (bits & 0x0fffu);
+  return (tf_half)((sign >> 16) | (twice > 0xff000000u ? 0x7e00u : value));
+}
+/* tf_h2f(tf_f2h(f)) in float arithmetic, a third fewer operations: adding 2**13 times the base
+   of f's binade (of float16's subnormals' below them) rounds |f| to float16's spacing there;
+   past float16's largest value, inf (every float32 bit pattern checked, as above). */
+TF_FN float tf_round_f16_native(float f) {
+  const uint32_t w = tf_f2u(f), exponent = (w + w) & 0xff000000u;  /* f's, in the top byte */
+  uint32_t binade = exponent < 0x71000000u ? 0x71000000u : exponent;
+  binade = binade > 0x8f000000u ? 0x8f000000u : binade;  /* (2**16 and up: inf below) */
+  const float magic = tf_u2f((binade >> 1) + 0x06800000u);
+  float r = (magic + fabsf(f)) - magic;
+  r = r >= 65520.0f ? INFINITY : r;
+  return tf_u2f(tf_f2u(r) | (w & 0x80000000u));
+}
+#define TF_ROUND_F16_NATIVE tf_round_f16_native
 """
 
 # The math functions glibc (>= 2.35, x86-64) has vector variants of, in libmvec. Declared
@@ -46,6 +85,36 @@ VECTOR_MATH_GUARD = r"""#ifdef TF_VECTOR_MATH
 #else
 #define TF_SIMD
 #endif"""
+
+
+_FLOAT_CALL = re.compile(rf"\b({'|'.join(VECTOR_MATH)})f\(")
+
+
+def in_double(expr: str) -> str:
+    """``expr`` with its float math calls made in double and rounded to float: correctly rounded
+    float values, for an op whose result is then rounded to float16. Eager's float16 CPU kernels
+    call SLEEF's float functions (within 1 ulp) or the C library's scalar ones, and so did ours
+    while their loop stayed scalar; libmvec's float functions (within 4 ulp) put more results on
+    the other side of a float16 rounding boundary: of the 65,536 float16 inputs, sigmoid 1, log
+    3, the tanh GELU 259 differ from eager's (0, 0 and 25 in double). bfloat16's 8 bits hide
+    them (its tanh GELU: 20 in float, 4 in double), and double halves the vector: its kernels
+    keep float, as before."""
+    out, pos = [], 0
+    for match in _FLOAT_CALL.finditer(expr):
+        if match.start() < pos:
+            continue
+        depth, end, args, start = 1, match.end(), [], match.end()
+        while depth:
+            c = expr[end]
+            depth += (c == "(") - (c == ")")
+            if c == "," and depth == 1 or depth == 0:
+                args.append(in_double(expr[start:end]))
+                start = end + 1
+            end += 1
+        wide = ", ".join(f"(double)({a.strip()})" for a in args)
+        out += [expr[pos:match.start()], f"(float){match.group(1)}({wide})"]
+        pos = end
+    return "".join(out) + expr[pos:]
 
 
 def vector_math_declarations(code: str) -> str:
@@ -359,7 +428,9 @@ class CRenderer(CStyleRenderer):
         return str(self._operand(op.operands[0], selected.casts[0], typed, False))
 
     def body(self, typed: TypedGraph) -> list[str]:
-        return [guard_domains(line) for line in super().body(typed)]
+        n = typed.graph.n_inputs
+        return [guard_domains(in_double(line) if typed.dtypes[n + k] == torch.float16 else line)
+                for k, line in enumerate(super().body(typed))]
 
     @staticmethod
     def _prologue(typed: TypedGraph, argspec: ArgSpec, k: int) -> list[str]:

@@ -65,7 +65,12 @@ TF_FN float tf_round_bf16(float f) {
   return tf_bf2f(tf_f2bf(f));
 }"""),
     (("tf_round_f16",), r"""
-TF_FN float tf_round_f16(float f) { return tf_h2f(tf_f2h(f)); }"""),
+TF_FN float tf_round_f16(float f) {
+#ifdef TF_ROUND_F16_NATIVE
+  return TF_ROUND_F16_NATIVE(f);
+#endif
+  return tf_h2f(tf_f2h(f));
+}"""),
     (("tf_div_floor_steps",), r"""
 /* Floor division as eager's vectorised CPU kernel computes float16/bfloat16 (c10's
    div_floor_floating on Vectorized<Half/BFloat16>): each operation rounded by R; where the
