@@ -262,6 +262,24 @@ def test_vml_probe_runs_on_real_tensors_under_fake_tensor_mode():
         cpu_backend.vml_functions.cache_clear()
 
 
+def test_float16_conversions_are_eagers_for_every_value():
+    """float16 loads, rounds and stores through bit arithmetic that gcc vectorises
+    (codegen/c.tf_h2f, tf_f2h, tf_round_f16_native): every float16 value widens exactly, and
+    float32 values on, between and one float ulp either side of every float16 value's rounding
+    boundaries (ties to even, the subnormals', the overflow past 65504) round as eager's, in the
+    vector loop and its scalar tail (an odd length)."""
+    every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    assert_same_bits(run_fused(lambda t: t.float() * 1, every), every.float() * 1, "widened")
+    values = every[~every.isnan()].double().unique()  # sorted, -inf .. inf
+    mids = (values[:-1] + values[1:]) / 2  # float16's ties, exact in float32
+    near = torch.cat([values, mids]).float()
+    ulp = near.abs() * 2.0**-23 + 2.0**-149
+    x = torch.cat([near, near + ulp, near - ulp, torch.tensor([65520.0, 65519.996, 1e30, -1e-40])])
+    x = x[:-1] if x.numel() % 2 == 0 else x  # an odd length: a scalar tail too
+    for fn in (lambda t: (t * 1).half(), lambda t: (t * 1).half().float() + 0.5):
+        assert_same_bits(run_fused(fn, x), fn(x), "rounded")
+
+
 def test_composite_activations_accurate():
     """sigmoid, silu, gelu (erf and tanh forms), mish and softplus go through expf/erff/tanhf."""
     x = inputs(-30.0, 30.0, torch.float32)
