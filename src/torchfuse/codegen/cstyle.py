@@ -41,7 +41,8 @@ INT_MIN = {torch.int8: -(2**7), torch.int16: -(2**15), torch.int32: -(2**31),
 
 
 # Helpers every device shares, in dependency order; a kernel includes only those it uses.
-# TF_FN, tf_half, tf_h2f/tf_f2h and tf_f2u/tf_u2f come from the device's own preamble. Integer
+# TF_FN, tf_half, tf_h2f/tf_f2h and tf_f2u/tf_u2f come from the device's own preamble, and so
+# does a helper's own form where a device has a quicker one (TF_ROUND_F16_NATIVE...). Integer
 # helpers never divide by zero, never overflow a signed type and never shift out of range: they
 # set *err (division by zero) or wrap, as eager does.
 HELPERS: list[tuple[tuple[str, ...], str]] = [
