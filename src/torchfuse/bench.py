@@ -1,7 +1,7 @@
 """The benchmark: torchfuse against eager, Inductor and the bandwidth floor, in one run.
 
     python -m torchfuse.bench [--device cpu|cuda] [--quick] [--json PATH] [--only NAME ...]
-        [--large N]
+        [--large N] [--half]
 
 Every workload runs at a large size (memory bound) and a small size (overhead bound). Columns:
 eager; ``torch.compile`` with Inductor; torchfuse through ``torch.compile``; torchfuse's
@@ -138,10 +138,11 @@ WORKLOADS = [
 HALF_VARIANTS = ("gelu_tanh", "gated", "bias_act_scale", "lstm_cell")
 
 
-def workloads_for(device: torch.device, only: Sequence[str]) -> list[Workload]:
-    """Every workload in float32; on a GPU also float16 and bfloat16 variants."""
+def workloads_for(device: torch.device, only: Sequence[str], half: bool = False) -> list[Workload]:
+    """Every workload in float32; on a GPU (on the CPU where ``half``) also float16 and bfloat16
+    variants."""
     chosen = list(WORKLOADS)
-    if device.type != "cpu":
+    if device.type != "cpu" or half:
         chosen += [
             dataclasses.replace(w, dtype=d)
             for d in (torch.float16, torch.bfloat16)
@@ -794,8 +795,8 @@ def merge_pass(row: dict, again: dict) -> None:
     row["passes"] = 2
 
 
-def run(device: torch.device, plan: Plan, only: Sequence[str] = ()) -> dict:
-    chosen = workloads_for(device, only)
+def run(device: torch.device, plan: Plan, only: Sequence[str] = (), half: bool = False) -> dict:
+    chosen = workloads_for(device, only, half)
     info = machine(device)
     with tempfile.TemporaryDirectory(prefix="torchfuse-bench-") as root:
         _progress(f"warming up both compilers on {device} ...")
@@ -844,6 +845,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="NAME",
         help="run only workloads whose label contains one of these",
     )
+    parser.add_argument("--half", action="store_true",
+                        help="float16 and bfloat16 variants on the CPU too (always on a GPU)")
     parser.add_argument("--large", type=int, metavar="N",
                         help="elements at the large size (default: 16M on CPU, 64M on a GPU)")
     parser.add_argument("--first-call", metavar="BACKEND", help=argparse.SUPPRESS)
@@ -863,7 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = plan_for(device, options.quick)
     if options.large:
         plan = dataclasses.replace(plan, large=options.large)
-    result = run(device, plan, options.only)
+    result = run(device, plan, options.only, options.half)
     print(report(result))
     if options.json:
         with open(options.json, "w") as f:
