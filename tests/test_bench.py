@@ -47,6 +47,17 @@ def test_report_reads_every_result_file(name):
         assert f"| {first['workload']} | {dtype} | — |" in text
 
 
+def test_16_bit_variants_on_the_gpu_and_on_the_cpu_when_asked():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    labels = lambda workloads: {w.label for w in workloads}  # noqa: E731
+    assert all(w.dtype == torch.float32 for w in bench.workloads_for(cpu, []))
+    halves = {f"{name} {dtype}" for name in bench.HALF_VARIANTS
+              for dtype in ("float16", "bfloat16")}
+    assert halves <= labels(bench.workloads_for(cpu, [], half=True))
+    assert halves <= labels(bench.workloads_for(cuda, []))
+    assert labels(bench.workloads_for(cpu, ["gated bfloat16"], half=True)) == {"gated bfloat16"}
+
+
 def test_steady_heap_leaves_allocation_working():
     code = ("from torchfuse import bench; bench.steady_heap(); import torch; "
             "x = torch.ones(1 << 22); y = x * 2; del x; print(float(y.sum()))")
