@@ -291,6 +291,15 @@ def test_composite_activations_accurate():
         torch.testing.assert_close(got, fn(x), equal_nan=True)
 
 
+def test_threads_start_sooner_for_math_calls_and_16_bit_roundings():
+    limit = torchfuse.config.parallel_threshold
+    assert c_codegen.parallel_threshold(["float v2 = v0 * v1;"]) == limit
+    assert c_codegen.parallel_threshold(["float v1 = expf(v0);"]) == limit // 2
+    body = ["float v1 = tf_round_f16((float)(v0 * v0));",
+            "float v2 = tf_round_bf16((float)((float)tanh((double)(v1))));"]
+    assert c_codegen.parallel_threshold(body) == limit // 4
+
+
 def test_declarations_only_for_functions_used():
     source = c_codegen.vector_math_declarations("float v = tanhf(a) + expm1(b) + fabsf(c);")
     assert "TF_SIMD float tanhf(float);" in source

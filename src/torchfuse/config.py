@@ -65,7 +65,7 @@ class Config:
         default_factory=lambda: _int("TORCHFUSE_PARALLEL_THRESHOLD", 16384)
     )
     """TORCHFUSE_PARALLEL_THRESHOLD: CPU kernels use OpenMP threads from this many elements
-    (divided by 1 + the number of math function calls per element)."""
+    (divided by 1 + the number of math function calls and 16-bit roundings per element)."""
 
     native_launch: bool = dataclasses.field(
         default_factory=lambda: _flag("TORCHFUSE_NATIVE_LAUNCH", True)
