@@ -27,6 +27,10 @@ PREAMBLE = r"""#include <stdint.h>
 #define TF_FN static inline
 TF_FN uint32_t tf_f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 TF_FN float tf_u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+"""
+
+# In a kernel that has float16 values (after PREAMBLE: the shared helpers use them).
+FLOAT16 = """\
 /* float16 as its bits, converted in integer and float arithmetic that gcc vectorises, selects
    as bit masks (it does not vectorise _Float16's own conversions, gcc 12 even with AVX512-FP16,
    which left a float16 kernel's loop scalar: 8-20x slower than Inductor's). Exact both ways,
@@ -68,8 +72,7 @@ TF_FN float tf_round_f16_native(float f) {
   r = r >= 65520.0f ? INFINITY : r;
   return tf_u2f(tf_f2u(r) | (w & 0x80000000u));
 }
-#define TF_ROUND_F16_NATIVE tf_round_f16_native
-"""
+#define TF_ROUND_F16_NATIVE tf_round_f16_native"""
 
 # The math functions glibc (>= 2.35, x86-64) has vector variants of, in libmvec. Declared
 # `simd`, gcc calls those variants from vectorised loops without -ffast-math, so NaN, Inf and
@@ -305,8 +308,11 @@ class CRenderer(CStyleRenderer):
             lines += loop(False)
         lines += ["  return err;", "}"]
         kernel = "\n".join(lines)
-        helpers = "\n".join(filter(None, [VML_TABLE if blocks else "", STREAM if streams else "",
-                                          helpers_for(kernel), domain_guards(kernel),
+        shared = helpers_for(kernel)
+        half = any(name in kernel + shared
+                   for name in ("tf_half", "tf_h2f", "tf_f2h", "tf_round_f16"))
+        helpers = "\n".join(filter(None, [FLOAT16 if half else "", VML_TABLE if blocks else "",
+                                          STREAM if streams else "", shared, domain_guards(kernel),
                                           HUGE_PAGES]))
         declarations = vector_math_declarations(helpers + kernel)
         return "\n".join([header + self.preamble, declarations, helpers, "", kernel, ""])
