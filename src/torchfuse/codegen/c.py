@@ -90,9 +90,6 @@ VECTOR_MATH_GUARD = r"""#ifdef TF_VECTOR_MATH
 #endif"""
 
 
-_FLOAT_CALL = re.compile(rf"\b({'|'.join(VECTOR_MATH)})f\(")
-
-
 def in_double(expr: str) -> str:
     """``expr`` with its float math calls made in double and rounded to float: correctly rounded
     float values, for an op whose result is then rounded to float16. Eager's float16 CPU kernels
@@ -103,8 +100,8 @@ def in_double(expr: str) -> str:
     them (its tanh GELU: 20 in float, 4 in double), and double halves the vector: its kernels
     keep float, as before."""
     out, pos = [], 0
-    for match in _FLOAT_CALL.finditer(expr):
-        if match.start() < pos:
+    for match in _CALL.finditer(expr):
+        if match.start() < pos or match.group(2) != "f":  # inside a call made double; not float
             continue
         depth, end, args, start = 1, match.end(), [], match.end()
         while depth:
