@@ -321,7 +321,6 @@ _GELU = {
     "none": f"0.5{{F}} * {{a}} * (1 + {_ERF_CDF})",
     "tanh": "0.5{F} * {a} * (1 + tanh{f}(0.79788456080286535588{F} * "
     "({a} + 0.044715{F} * ({a} * {a} * {a}))))",
-    "none_cuda": f"0.5{{F}} * {{a}} * (1 + {_ERF_CDF})",
     "tanh_cuda": f"0.5{{F}} * {{a}} * (1 + {_TANH_CDF_CUDA})",
     "none_cuda16": f"{{a}} * fma{{f}}(0.5{{F}}, {_ERF_CDF}, 0.5{{F}})",
     "tanh_cuda16": f"{{a}} * fma{{f}}(0.5{{F}}, {_TANH_CDF_CUDA}, 0.5{{F}})",
@@ -331,7 +330,7 @@ _GELU = {
 def _gelu(ctx: Ctx, a: Operand) -> str:
     approximate = ctx.attrs.get("approximate", "none")
     target = ("_cuda16" if ctx.compute in HALF_DTYPES else "_cuda") if ctx.cuda else ""
-    template = _GELU[approximate + target]
+    template = _GELU.get(approximate + target, _GELU[approximate])
     return template.replace("{F}", "f" if ctx.f else "").format(a=a, f=ctx.f)
 
 
