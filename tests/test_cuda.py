@@ -23,7 +23,7 @@ from conftest import (
     make_input,
     trace,
 )
-from torchfuse import compiler, devices, executor, interface
+from torchfuse import compiler, devices, executor, interface, ops
 from torchfuse.cache import SPECS
 from torchfuse.codegen.cuda import PREAMBLE, CUDARenderer, instructions, is_flat, vector_width
 from torchfuse.config import override
@@ -835,6 +835,45 @@ def test_functions_of_halves_are_eagers_bit_for_bit(device, dtype, fn, launches)
             assert_same_bits(fused(a)[0], fn(a))
     if device.startswith("cuda"):
         assert {"scalar32", "vector32"} <= set(launches)
+
+
+def test_erf_gelu_of_halves_reads_a_table_in_vector_entries():
+    """A 16-bit erf GELU's vector body computes eager's erff polynomial near 0 and reads eager's
+    results from a table elsewhere (one array per dtype, named as ops.TABLES names it); the
+    scalar entries, the tanh GELU and float32 keep the formula."""
+    x = torch.randn(64, dtype=torch.float16)
+    both = _source(lambda a, b: F.gelu(a) + F.gelu(b).float(), x, x.bfloat16())
+    assert "__device__ uint16_t table[65536];" in both  # declared by the macro, for each:
+    for t in ("h", "bf"):
+        assert both.count(f"TF_GELU_PAIR({t}, tf_gelu_{t}_table)") == 1
+        assert f"tf_{t}gelu2(" in both
+        assert f"tf_gelu_{t}_table" in ops.TABLES
+    scalar = both[both.index("tf_scalar("):both.index("tf_vector(")]
+    assert "erff(" in scalar and "gelu2(" not in scalar
+    for source in (_source(lambda a: F.gelu(a, approximate="tanh"), x),
+                   _source(F.gelu, x.float())):
+        assert "gelu2(" not in source and "_table" not in source
+
+
+@gpu
+@pytest.mark.parametrize("native", [True, False], ids=["native_launch", "python_launch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_erf_gelu_table_is_filled_before_any_launch(cuda_fusion, dtype, native, launches):
+    """Every kernel that reads eager's GELU table gets it before its vector entry serves a
+    call: through either launch path, on a side stream, in a second kernel, on every 16-bit
+    input, in a row-broadcast program."""
+    x = _every_half(dtype, "cuda")
+    fns = [F.gelu, lambda a, b: F.gelu(a + b) * b]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with override(native_launch=native), torch.cuda.stream(side):
+        for fn in fns:
+            inputs = (x,) if fn is F.gelu else (x.view(256, 256), x[:256].flip(0))
+            fused = _fused(fn, *inputs)
+            for _ in range(2):
+                assert_same_bits(fused(*inputs)[0], fn(*inputs))
+    side.synchronize()
+    assert launches.count("vector32") >= len(fns)
 
 
 DIVISORS = [3, 7.0, 0.1, -1e-3, 1e-45, 1e39, 0.0, -0.0, float("inf"), float("nan")]

@@ -126,9 +126,10 @@ class OpDef:
     (sub of a bool, pow of bools): they must stay eager's, to raise eager's error."""
     pair: str | Render | None = None
     """CUDA, float16/bfloat16 computed as such: the op on two elements packed in one 32-bit word
-    (``{t}`` is ``h`` or ``bf``), rounding once. Only for ops whose float result of two halves,
-    rounded, is the correctly rounded half result (add, sub, mul: exact, or rounded twice
-    innocuously, 24 >= 2 * 11 + 2 bits); a Render may return None (alpha other than 1)."""
+    (``{t}`` is ``h`` or ``bf``), giving eager's bits. Add, sub, mul: their float result of two
+    halves, rounded once, is the correctly rounded half result (exact, or rounded twice
+    innocuously, 24 >= 2 * 11 + 2 bits); GELU: a helper of its own. A Render may return None
+    (alpha other than 1)."""
 
     def template(self, cls: str, cuda: bool = False) -> str | Render | None:
         if cuda and cls in self.cuda:
@@ -334,6 +335,22 @@ def _gelu(ctx: Ctx, a: Operand) -> str:
     return template.replace("{F}", "f" if ctx.f else "").format(a=a, f=ctx.f)
 
 
+def _gelu_pair(ctx: Ctx, a: Operand) -> str | None:
+    """The erf GELU of two float16/bfloat16 (CUDA's vector entries): eager's formula near 0,
+    eager's own results from a table elsewhere (codegen/cuda.py, tf_hgelu2; TABLES)."""
+    return f"tf_{ctx.t}gelu2({a})" if ctx.attrs.get("approximate", "none") == "none" else None
+
+
+# Eager's results of a function of one float16/bfloat16 value for every one of its 65,536 bit
+# patterns, which CUDA kernels read where eager's formula is dear (tf_hgelu2): the C array's
+# name -> (dtype, the eager function). devices/cuda computes each once per GPU, with eager on
+# that GPU, and copies it into every kernel it loads that declares the array.
+TABLES: dict[str, tuple[torch.dtype, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "tf_gelu_h_table": (torch.float16, torch.nn.functional.gelu),
+    "tf_gelu_bf_table": (torch.bfloat16, torch.nn.functional.gelu),
+}
+
+
 # CUDA eager's hardsigmoid and hardswish multiply by one_sixth = 1.0f / 6.0f, a float whatever
 # the opmath type; the CPU divides by 6.
 _ONE_SIXTH = torch.tensor(1 / 6, dtype=torch.float32).item()
@@ -493,7 +510,7 @@ OPS: tuple[OpDef, ...] = (
     _fn("mish", "{a} * tanh{f}(log1p{f}(exp{f}({a})))"),
     _fn("hardsigmoid", "TF_MIN(TF_MAX({a} + 3, 0), 6) / 6", cuda={"f": _hardsigmoid_cuda}),
     _fn("hardswish", "{a} * TF_MIN(TF_MAX({a} + 3, 0), 6) / 6", cuda={"f": _hardswish_cuda}),
-    _fn("gelu", _gelu),
+    _fn("gelu", _gelu, pair=_gelu_pair),
     _fn("logit", _logit),
     _fn("nan_to_num", _nan_to_num),
     _fn("leaky_relu", "{a} > 0 ? {a} : {a} * {b}"),

@@ -209,6 +209,44 @@ TF_BF_PAIR_OP(tf_bfmul2, *)
 #endif"""
 HALVES = {torch.float16: "h", torch.bfloat16: "bf"}  # the pair helpers' infix: tf_hadd2
 
+# The erf GELU of a pair (ops.py's pair form), eager's bits. Eager computes x * 0.5 * (1 +
+# erff(x * M_SQRT1_2)) in float; CUDA's erff is branch-free, one polynomial for |a| < 1.00376
+# (0x3F807B28) and, past it, an exp of another, each with its coefficients picked per element:
+# about 20 instructions of an element's 30 in a 16-bit bias + GELU + scale, which an H200 must
+# issue faster than its memory moves the element (1.25x the copy floor, bench/RESULTS.md
+# session 14). Here |x| < 1.4140625 (a < 0.99992) computes the near polynomial alone,
+# tf_erff_near0: erff's own coefficients and operations in its order (libdevice's, as NVRTC
+# 13.5 writes them in PTX), so the same bits; every other input, specials too, reads eager's own
+# result from a table of all 65,536 (ops.TABLES: devices/cuda fills it when it loads the
+# kernel), through L1 with a load only where needed (the low half's index by a byte permute:
+# NVRTC's shift and mask of h & 0xffff took two instructions more). The scalar entries keep
+# the formula.
+GELU_PAIRS = r"""
+TF_FN float tf_erff_near0(float a) {
+  const float s = a * a;
+  float p = fmaf(__uint_as_float(0x388D8E09u), s, __uint_as_float(0xBA487A7Du));
+  p = fmaf(p, s, __uint_as_float(0x3BA886C1u));
+  p = fmaf(p, s, __uint_as_float(0xBCDBC4CFu));
+  p = fmaf(p, s, __uint_as_float(0x3DE712BBu));
+  p = fmaf(p, s, __uint_as_float(0xBEC09388u));
+  p = fmaf(p, s, __uint_as_float(0x3E0375D4u));
+  return fmaf(p, a, a);
+}
+TF_FN float tf_gelu_near0(float x) {
+  return x * fmaf(0.5f, tf_erff_near0(x * 0.70710678118654752440f), 0.5f);
+}
+#define TF_GELU_PAIR(t, table) \
+__device__ uint16_t table[65536]; \
+TF_FN uint32_t tf_##t##gelu2(uint32_t h) { \
+  float x0, x1; tf_##t##unpack2(h, x0, x1); \
+  uint32_t r = tf_##t##pack2(tf_gelu_near0(x0), tf_gelu_near0(x1)); \
+  if (!(fabsf(x0) < 1.4140625f)) \
+    r = (r & 0xffff0000u) | __ldg(&table[__byte_perm(h, 0, 0x7710)]); \
+  if (!(fabsf(x1) < 1.4140625f)) \
+    r = (r & 0xffffu) | (uint32_t)__ldg(&table[h >> 16]) << 16; \
+  return r; \
+}"""
+
 
 # Eager's float -> integer casts on CUDA: cvt.rzi from the value's own precision, which saturates
 # (NaN gives 0 from float, INT_MIN from double into 32 bits); the __*_rz intrinsics spell it
@@ -348,6 +386,10 @@ class CUDARenderer(CStyleRenderer):
                   f"// vector elements: {kernel.width}\n"
                   f"// waits for the kernel before: {' '.join(kernel.waiting) or '-'}")
         pairs = PAIRS if re.search(r"\btf_(h|bf)\w+2\(", code) else ""
+        gelus = [t for t in HALVES.values() if f"tf_{t}gelu2(" in code]
+        if gelus:
+            pairs += GELU_PAIRS + "".join(f"\nTF_GELU_PAIR({t}, tf_gelu_{t}_table)"
+                                          for t in gelus)
         return "\n".join([header, self.preamble, helpers_for(code + pairs), pairs, "", code,
                           *kernel.assembly(), ""])
 

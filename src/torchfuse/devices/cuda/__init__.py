@@ -49,7 +49,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ... import diskcache
+from ... import diskcache, ops
 from ...cache import count
 from ...codegen import ptx
 from ...codegen.cuda import BLOCK, PREAMBLE, PTX_MARK, CUDARenderer
@@ -530,10 +530,28 @@ class _Launcher:
         code = binary if binary.startswith(ELF) else binary + b"\0"  # PTX ends with a NUL
         library = _cu("cuLibraryLoadData", code, None, None, 0, None, None, 0)
         self.libraries.append(library)
+        self._fill_tables(library)
         kernel = _cu("cuLibraryGetKernel", library, self._name(entry).encode())
         self.kernels[entry] = (binary, int(kernel))
         if entry == "vector32":  # the quick path's, 0 until then
             self.vector = self.kernels[entry][1]
+
+    def _fill_tables(self, library) -> None:
+        """Copy eager's results into the tables of them (ops.TABLES) that a loaded entry
+        declares, before any launch of it can read them."""
+        for name in ops.TABLES:
+            if name not in self.source:
+                continue
+            try:
+                pointer, size = _cu("cuLibraryGetGlobal", library, name.encode())
+            except RuntimeError:  # not in this entry point
+                continue
+            table = _table(name, self.index)
+            if size != table.numel() * table.element_size():
+                raise CompileError(f"{name} holds {size} bytes")
+            stream = torch.cuda.current_stream(self.index)
+            _cu("cuMemcpyDtoDAsync", pointer, table.data_ptr(), size, stream.cuda_stream)
+            stream.synchronize()  # any stream may launch the entry next
 
     def _name(self, entry: str) -> str:
         return ("tf_checked_" if self.checked else "tf_") + entry
@@ -542,10 +560,16 @@ class _Launcher:
         """The entry point as cuda.core's kernel, for its launch (the Python path's)."""
         kernel = self.python_kernels.get(entry)
         if kernel is None:
-            core, binary = _core(), self.kernels[entry][0]
-            code = (core.ObjectCode.from_cubin(binary) if binary.startswith(ELF)
-                    else core.ObjectCode.from_ptx(binary))
-            kernel = self.python_kernels[entry] = code.get_kernel(self._name(entry))
+            core, (binary, handle) = _core(), self.kernels[entry]
+            if hasattr(core.Kernel, "from_handle"):  # the one loaded here, its tables filled
+                kernel = core.Kernel.from_handle(handle)
+            elif any(name in self.source for name in ops.TABLES):
+                raise CompileError("this cuda.core cannot launch a kernel loaded here")
+            else:
+                code = (core.ObjectCode.from_cubin(binary) if binary.startswith(ELF)
+                        else core.ObjectCode.from_ptx(binary))
+                kernel = code.get_kernel(self._name(entry))
+            self.python_kernels[entry] = kernel
         return kernel
 
     def _kernel(self, entry: str, background: bool = False) -> tuple[bytes, int]:
@@ -698,6 +722,23 @@ class _Launcher:
         if not self.failed:
             self.failed = True
             warnings.warn(message, RuntimeWarning, stacklevel=5)
+
+
+_tables: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _table(name: str, index: int) -> torch.Tensor:
+    """ops.TABLES[name] on GPU ``index``: eager's results for every input, in the order of their
+    bit patterns (made once per GPU)."""
+    table = _tables.get((name, index))
+    if table is None:
+        dtype, eager = ops.TABLES[name]
+        bits = torch.arange(2**16, dtype=torch.int32, device=torch.device("cuda", index))
+        with torch.no_grad():
+            table = eager(bits.to(torch.int16).view(dtype)).contiguous()
+        torch.cuda.current_stream(index).synchronize()
+        table = _tables.setdefault((name, index), table)
+    return table
 
 
 @functools.cache
