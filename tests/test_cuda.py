@@ -55,11 +55,13 @@ def launches(monkeypatch):
     return seen
 
 
-def _source(fn, *inputs) -> str:
-    """The CUDA source for ``fn`` on inputs of these shapes and dtypes (CPU tensors will do)."""
+def _source(fn, *inputs, scale: int = 1) -> str:
+    """The CUDA source for ``fn`` on inputs of these shapes and dtypes (CPU tensors will do), for
+    a GPU of memory scale ``scale``."""
     spec = compiler.register(trace(fn, *inputs))
     argspec, _ = interface.argspec_of(spec, inputs)
-    return CUDARenderer().render(compiler.infer_types(spec.graph, argspec, cuda=True), argspec)
+    typed = compiler.infer_types(spec.graph, argspec, cuda=True)
+    return CUDARenderer(lambda device: scale).render(typed, argspec)
 
 
 def _fused(fn, *inputs):
@@ -838,11 +840,14 @@ def test_functions_of_halves_are_eagers_bit_for_bit(device, dtype, fn, launches)
 
 
 def test_erf_gelu_of_halves_reads_a_table_in_vector_entries():
-    """A 16-bit erf GELU's vector body computes eager's erff polynomial near 0 and reads eager's
-    results from a table elsewhere (one array per dtype, named as ops.TABLES names it); the
-    scalar entries, the tanh GELU and float32 keep the formula."""
+    """On a GPU of memory scale 2, a 16-bit erf GELU's vector body computes eager's erff
+    polynomial near 0 and reads eager's results from a table elsewhere (one array per dtype,
+    named as ops.TABLES names it); the scalar entries, the tanh GELU, float32 and GPUs of scale
+    1 keep the formula."""
     x = torch.randn(64, dtype=torch.float16)
-    both = _source(lambda a, b: F.gelu(a) + F.gelu(b).float(), x, x.bfloat16())
+    fn = lambda a, b: F.gelu(a) + F.gelu(b).float()  # noqa: E731
+    assert "gelu2(" not in _source(fn, x, x.bfloat16())
+    both = _source(fn, x, x.bfloat16(), scale=2)
     assert "__device__ uint16_t table[65536];" in both  # declared by the macro, for each:
     for t in ("h", "bf"):
         assert both.count(f"TF_GELU_PAIR({t}, tf_gelu_{t}_table)") == 1
@@ -850,18 +855,21 @@ def test_erf_gelu_of_halves_reads_a_table_in_vector_entries():
         assert f"tf_gelu_{t}_table" in ops.TABLES
     scalar = both[both.index("tf_scalar("):both.index("tf_vector(")]
     assert "erff(" in scalar and "gelu2(" not in scalar
-    for source in (_source(lambda a: F.gelu(a, approximate="tanh"), x),
-                   _source(F.gelu, x.float())):
+    for source in (_source(lambda a: F.gelu(a, approximate="tanh"), x, scale=2),
+                   _source(F.gelu, x.float(), scale=2)):
         assert "gelu2(" not in source and "_table" not in source
 
 
 @gpu
 @pytest.mark.parametrize("native", [True, False], ids=["native_launch", "python_launch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_erf_gelu_table_is_filled_before_any_launch(cuda_fusion, dtype, native, launches):
-    """Every kernel that reads eager's GELU table gets it before its vector entry serves a
-    call: through either launch path, on a side stream, in a second kernel, on every 16-bit
-    input, in a row-broadcast program."""
+def test_erf_gelu_table_is_filled_before_any_launch(cuda_fusion, dtype, native, launches,
+                                                   monkeypatch):
+    """Every kernel that reads eager's GELU table (rendered as for an H200 whatever the GPU)
+    gets it before its vector entry serves a call: through either launch path, on a side
+    stream, in a second kernel, on every 16-bit input, in a row-broadcast program."""
+    monkeypatch.setattr(backend.CUDABackend, "renderer", CUDARenderer(lambda device: 2))
+    torchfuse.clear_cache()  # no kernel rendered for this GPU's own scale
     x = _every_half(dtype, "cuda")
     fns = [F.gelu, lambda a, b: F.gelu(a + b) * b]
     side = torch.cuda.Stream()
@@ -874,6 +882,9 @@ def test_erf_gelu_table_is_filled_before_any_launch(cuda_fusion, dtype, native, 
                 assert_same_bits(fused(*inputs)[0], fn(*inputs))
     side.synchronize()
     assert launches.count("vector32") >= len(fns)
+    table = "tf_gelu_h_table" if dtype == torch.float16 else "tf_gelu_bf_table"
+    assert (table, torch.cuda.current_device()) in backend._tables
+    torchfuse.clear_cache()
 
 
 DIVISORS = [3, 7.0, 0.1, -1e-3, 1e-45, 1e39, 0.0, -0.0, float("inf"), float("nan")]

@@ -84,6 +84,9 @@ class Ctx:
     """Rounds an expression computed in float to a float16/bfloat16 compute dtype (the
     renderer's conversion), as eager's arithmetic in c10::Half/BFloat16 rounds each operation
     where a kernel does it in its scalar type rather than in float; other dtypes keep it."""
+    tables: bool = False
+    """A pair form may read eager's results from a table (TABLES): the GPU's memory outpaces
+    its instruction issue, which then bounds a kernel of dear math (codegen/cuda's scale)."""
 
     def fmt(self, template: str, operands: Sequence[Operand]) -> str:
         names = dict(zip("abcd", (o.expr for o in operands)))
@@ -336,9 +339,11 @@ def _gelu(ctx: Ctx, a: Operand) -> str:
 
 
 def _gelu_pair(ctx: Ctx, a: Operand) -> str | None:
-    """The erf GELU of two float16/bfloat16 (CUDA's vector entries): eager's formula near 0,
-    eager's own results from a table elsewhere (codegen/cuda.py, tf_hgelu2; TABLES)."""
-    return f"tf_{ctx.t}gelu2({a})" if ctx.attrs.get("approximate", "none") == "none" else None
+    """The erf GELU of two float16/bfloat16 (CUDA's vector entries, where tables pay): eager's
+    formula near 0, eager's own results from a table elsewhere (codegen/cuda.py, tf_hgelu2)."""
+    if not ctx.tables or ctx.attrs.get("approximate", "none") != "none":
+        return None
+    return f"tf_{ctx.t}gelu2({a})"
 
 
 # Eager's results of a function of one float16/bfloat16 value for every one of its 65,536 bit

@@ -220,7 +220,8 @@ HALVES = {torch.float16: "h", torch.bfloat16: "bf"}  # the pair helpers' infix: 
 # result from a table of all 65,536 (ops.TABLES: devices/cuda fills it when it loads the
 # kernel), through L1 with a load only where needed (the low half's index by a byte permute:
 # NVRTC's shift and mask of h & 0xffff took two instructions more). The scalar entries keep
-# the formula.
+# the formula, and so do GPUs of memory scale 1 (ops.Ctx.tables): an H100, at the floor with
+# the formula, ran the table's kernel up to 5 % slower.
 GELU_PAIRS = r"""
 TF_FN float tf_erff_near0(float a) {
   const float s = a * a;
@@ -410,8 +411,9 @@ class _Kernel:
                        if d.inner == CONTIG and not d.reused)
         moved = streamed + sum(d.itemsize for d in self.dtypes[self.n_in:])
         heavy = instructions(self.body) >= HEAVY * moved
+        self.scale = renderer.scale(argspec.device)
         self.width = vector_width(self.dtypes, streamed, self.flat, heavy,  # vector elements
-                                  renderer.scale(argspec.device))
+                                  self.scale)
         self.waiting = [e for e in entry_points(argspec) if self.waits(e)]
 
     def waits(self, entry: str) -> bool:
@@ -684,7 +686,7 @@ class _Kernel:
             else:
                 operands.append(None)
         ctx = ops.Ctx(compute=out, out=out, attrs=op.attr_dict, T="uint32_t", U="uint32_t",
-                      t=HALVES[out], f="", literal=str, cuda=True)
+                      t=HALVES[out], f="", literal=str, cuda=True, tables=self.scale > 1)
         template = selected.op.pair
         return template(ctx, *operands) if callable(template) else ctx.fmt(template, operands)
 
