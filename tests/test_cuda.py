@@ -7,8 +7,10 @@ Everything marked ``cuda`` is skipped where torch sees no GPU; the differential 
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
+from fractions import Fraction
 
 import pytest
 import torch
@@ -25,7 +27,14 @@ from conftest import (
 )
 from torchfuse import compiler, devices, executor, interface, ops
 from torchfuse.cache import SPECS
-from torchfuse.codegen.cuda import PREAMBLE, CUDARenderer, instructions, is_flat, vector_width
+from torchfuse.codegen.cuda import (
+    HALVES,
+    PREAMBLE,
+    CUDARenderer,
+    instructions,
+    is_flat,
+    vector_width,
+)
 from torchfuse.config import override
 from torchfuse.devices import cuda as backend
 
@@ -55,13 +64,13 @@ def launches(monkeypatch):
     return seen
 
 
-def _source(fn, *inputs, scale: int = 1) -> str:
+def _source(fn, *inputs, scale: int = 1, tables: bool = False) -> str:
     """The CUDA source for ``fn`` on inputs of these shapes and dtypes (CPU tensors will do), for
-    a GPU of memory scale ``scale``."""
+    a GPU of memory scale ``scale`` where ``tables`` of eager's results pay or not."""
     spec = compiler.register(trace(fn, *inputs))
     argspec, _ = interface.argspec_of(spec, inputs)
     typed = compiler.infer_types(spec.graph, argspec, cuda=True)
-    return CUDARenderer(lambda device: scale).render(typed, argspec)
+    return CUDARenderer(lambda device: scale, lambda device, name: tables).render(typed, argspec)
 
 
 def _fused(fn, *inputs):
@@ -840,14 +849,14 @@ def test_functions_of_halves_are_eagers_bit_for_bit(device, dtype, fn, launches)
 
 
 def test_erf_gelu_of_halves_reads_a_table_in_vector_entries():
-    """On a GPU of memory scale 2, a 16-bit erf GELU's vector body computes eager's erff
+    """Where the backend says tables pay, a 16-bit erf GELU's vector body computes eager's erff
     polynomial near 0 and reads eager's results from a table elsewhere (one array per dtype,
-    named as ops.TABLES names it); the scalar entries, the tanh GELU, float32 and GPUs of scale
-    1 keep the formula."""
+    named as ops.TABLES names it); the scalar entries, the tanh GELU, float32 and GPUs where
+    tables do not pay keep the formula."""
     x = torch.randn(64, dtype=torch.float16)
     fn = lambda a, b: F.gelu(a) + F.gelu(b).float()  # noqa: E731
-    assert "gelu2(" not in _source(fn, x, x.bfloat16())
-    both = _source(fn, x, x.bfloat16(), scale=2)
+    assert "gelu2(" not in _source(fn, x, x.bfloat16(), scale=2)
+    both = _source(fn, x, x.bfloat16(), tables=True)
     assert "__device__ uint16_t table[65536];" in both  # declared by the macro, for each:
     for t in ("h", "bf"):
         assert both.count(f"TF_GELU_PAIR({t}, tf_gelu_{t}_table)") == 1
@@ -855,8 +864,8 @@ def test_erf_gelu_of_halves_reads_a_table_in_vector_entries():
         assert f"tf_gelu_{t}_table" in ops.TABLES
     scalar = both[both.index("tf_scalar("):both.index("tf_vector(")]
     assert "erff(" in scalar and "gelu2(" not in scalar
-    for source in (_source(lambda a: F.gelu(a, approximate="tanh"), x, scale=2),
-                   _source(F.gelu, x.float(), scale=2)):
+    for source in (_source(lambda a: F.gelu(a, approximate="tanh"), x, tables=True),
+                   _source(F.gelu, x.float(), tables=True)):
         assert "gelu2(" not in source and "_table" not in source
 
 
@@ -865,10 +874,11 @@ def test_erf_gelu_of_halves_reads_a_table_in_vector_entries():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_erf_gelu_table_is_filled_before_any_launch(cuda_fusion, dtype, native, launches,
                                                    monkeypatch):
-    """Every kernel that reads eager's GELU table (rendered as for an H200 whatever the GPU)
-    gets it before its vector entry serves a call: through either launch path, on a side
-    stream, in a second kernel, on every 16-bit input, in a row-broadcast program."""
-    monkeypatch.setattr(backend.CUDABackend, "renderer", CUDARenderer(lambda device: 2))
+    """Every kernel that reads eager's GELU table (rendered so whatever the GPU) gets it before
+    its vector entry serves a call: through either launch path, on a side stream, in a second
+    kernel, on every 16-bit input, in a row-broadcast program."""
+    renderer = CUDARenderer(backend._memory_scale, lambda device, name: True)
+    monkeypatch.setattr(backend.CUDABackend, "renderer", renderer)
     torchfuse.clear_cache()  # no kernel rendered for this GPU's own scale
     x = _every_half(dtype, "cuda")
     fns = [F.gelu, lambda a, b: F.gelu(a + b) * b]
@@ -885,6 +895,59 @@ def test_erf_gelu_table_is_filled_before_any_launch(cuda_fusion, dtype, native, 
     table = "tf_gelu_h_table" if dtype == torch.float16 else "tf_gelu_bf_table"
     assert (table, torch.cuda.current_device()) in backend._tables
     torchfuse.clear_cache()
+
+
+@gpu
+@pytest.mark.parametrize("name", list(ops.TABLES))
+def test_eager_tables_agree_with_the_pair_forms_here(cuda_fusion, name):
+    """This GPU's eager gives, where a pair form computes instead of reading the table (the
+    GELU's |x| < ops.GELU_NEAR), the results of the form's own arithmetic (ops.TABLES' agrees:
+    a CPU model of it, checked against the kernel's bits by the test above); the backend reads
+    tables on GPUs of memory scale 2 only."""
+    table = ops.TABLES[name]
+    key = backend.BACKEND.device_key(torch.device("cuda", 0))
+    every = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(table.dtype)
+    assert table.agrees(every, backend._table(name, 0).cpu())
+    assert backend._tables_pay(key, name) == (backend._memory_scale(key) == 2)
+
+
+def test_fma32_rounds_once():
+    """ops.fma32 (the CPU model of the GPU's fmaf that checks tables): the correctly rounded
+    a * b + c, where a double sum would round twice (a product that is a float midpoint, nudged
+    by a c far below double precision) and on random operands against exact fractions."""
+    a = torch.tensor([4097.0, 4097.0, -4097.0, 4097.0])
+    c = torch.tensor([2.0**-40, -(2.0**-40), -(2.0**-40), 0.0])
+    got = ops.fma32(a, a.abs(), c).double() - torch.tensor([1, 1, -1, 1]) * 2.0**24
+    assert got.tolist() == [8194, 8192, -8194, 8192]  # the last a tie: to even
+    g = torch.Generator().manual_seed(0)
+    x, y, z = (torch.randn(3000, generator=g) * torch.exp2(torch.randint(-40, 40, (3000,),
+               generator=g).float()) for _ in range(3))
+    z[::2] = -(x[::2].double() * y[::2].double()).float()  # cancellations
+    r = ops.fma32(x, y, z)
+    neighbours = zip(torch.nextafter(r, torch.tensor(-math.inf)).tolist(),
+                     torch.nextafter(r, torch.tensor(math.inf)).tolist())
+    for a, b, c, got, (below, above) in zip(x.tolist(), y.tolist(), z.tolist(), r.tolist(),
+                                            neighbours, strict=True):
+        exact = Fraction(a) * Fraction(b) + Fraction(c)
+        error = abs(Fraction(got) - exact)
+        assert error <= abs(Fraction(below) - exact) and error <= abs(Fraction(above) - exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gelu_near0_is_a_gelu_and_checks_tables(dtype):
+    """ops.gelu_near0, the pair form's arithmetic near 0, is the GELU (float64's within 1e-6
+    |x| for every 16-bit input it serves), and a table that differs from it in one result it
+    would compute is refused."""
+    every = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = every.float()
+    near = x.abs() < ops.GELU_NEAR
+    mine = ops.gelu_near0(x[near]).double()
+    want = x[near].double() * 0.5 * (1 + torch.special.erf(x[near].double() / math.sqrt(2)))
+    assert ((mine - want).abs() <= 1e-6 * x[near].double().abs() + 2.0**-149).all()
+    table = torch.where(near, ops.gelu_near0(x).to(dtype), every.flip(0))
+    assert ops.TABLES[f"tf_gelu_{HALVES[dtype]}_table"].agrees(every, table)
+    table.view(torch.int16)[near.nonzero()[1000]] += 1
+    assert not ops.TABLES[f"tf_gelu_{HALVES[dtype]}_table"].agrees(every, table)
 
 
 DIVISORS = [3, 7.0, 0.1, -1e-3, 1e-45, 1e39, 0.0, -0.0, float("inf"), float("nan")]

@@ -18,6 +18,7 @@ The fusion pass asks :func:`support` whether a node fuses, and the code generato
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -84,9 +85,9 @@ class Ctx:
     """Rounds an expression computed in float to a float16/bfloat16 compute dtype (the
     renderer's conversion), as eager's arithmetic in c10::Half/BFloat16 rounds each operation
     where a kernel does it in its scalar type rather than in float; other dtypes keep it."""
-    tables: bool = False
-    """A pair form may read eager's results from a table (TABLES): the GPU's memory outpaces
-    its instruction issue, which then bounds a kernel of dear math (codegen/cuda's scale)."""
+    table: Callable[[str], bool] = lambda name: False
+    """Whether a pair form may read eager's results from table ``name`` (TABLES): the backend
+    says where that pays and the table agrees with the form's own arithmetic."""
 
     def fmt(self, template: str, operands: Sequence[Operand]) -> str:
         names = dict(zip("abcd", (o.expr for o in operands)))
@@ -339,20 +340,75 @@ def _gelu(ctx: Ctx, a: Operand) -> str:
 
 
 def _gelu_pair(ctx: Ctx, a: Operand) -> str | None:
-    """The erf GELU of two float16/bfloat16 (CUDA's vector entries, where tables pay): eager's
-    formula near 0, eager's own results from a table elsewhere (codegen/cuda.py, tf_hgelu2)."""
-    if not ctx.tables or ctx.attrs.get("approximate", "none") != "none":
+    """The erf GELU of two float16/bfloat16 (CUDA's vector entries, where the table pays):
+    eager's formula near 0, eager's own results from a table elsewhere (codegen/cuda.py,
+    tf_hgelu2)."""
+    if (ctx.attrs.get("approximate", "none") != "none"
+            or not ctx.table(f"tf_gelu_{ctx.t}_table")):
         return None
     return f"tf_{ctx.t}gelu2({a})"
 
 
-# Eager's results of a function of one float16/bfloat16 value for every one of its 65,536 bit
-# patterns, which CUDA kernels read where eager's formula is dear (tf_hgelu2): the C array's
-# name -> (dtype, the eager function). devices/cuda computes each once per GPU, with eager on
-# that GPU, and copies it into every kernel it loads that declares the array.
-TABLES: dict[str, tuple[torch.dtype, Callable[[torch.Tensor], torch.Tensor]]] = {
-    "tf_gelu_h_table": (torch.float16, torch.nn.functional.gelu),
-    "tf_gelu_bf_table": (torch.bfloat16, torch.nn.functional.gelu),
+# CUDA's erff for |a| < 1.00376 (0x3F807B28), as NVRTC 13.5 writes it in PTX: a polynomial in
+# a * a, Horner's fmas from the highest coefficient (float bits), then fma(p, a, a). The GELU's
+# pair form computes it alone where |x| < GELU_NEAR (a = x / sqrt(2) < 0.99992).
+ERFF_NEAR = (0x388D8E09, 0xBA487A7D, 0x3BA886C1, 0xBCDBC4CF, 0x3DE712BB, 0xBEC09388, 0x3E0375D4)
+GELU_NEAR = 1.4140625
+
+
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fmaf of float32 tensors, rounded once as the GPU rounds it: the product is exact in
+    double, the sum is rounded to odd there (TwoSum's error moves an inexact even result one
+    ulp toward it), and rounding that to float is then the correct rounding."""
+    p, c = a.double() * b.double(), c.double()
+    s = p + c
+    z = s - p
+    e = (p - (s - z)) + (c - z)  # s + e == p + c exactly
+    even = (s.view(torch.int64) & 1) == 0
+    odd = torch.nextafter(s, torch.where(e > 0, math.inf, -math.inf))
+    return torch.where((e != 0) & even, odd, s).float()
+
+
+def gelu_near0(x: torch.Tensor) -> torch.Tensor:
+    """The pair form's GELU of float32 values near 0 (codegen/cuda.py, tf_gelu_near0), as the
+    GPU computes it: x * fma(0.5, erff(x * M_SQRT1_2), 0.5) with erff's near polynomial."""
+    k = torch.tensor(0.70710678118654752440, dtype=torch.float32)
+    a = x * k
+    s = a * a
+    coefficients = torch.tensor(ERFF_NEAR, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    p = coefficients[0].expand_as(s)
+    for coefficient in coefficients[1:]:
+        p = fma32(p, s, coefficient.expand_as(s))
+    half = torch.full_like(x, 0.5)
+    return x * fma32(half, fma32(p, a, a), half)
+
+
+def _gelu_agrees(inputs: torch.Tensor, table: torch.Tensor) -> bool:
+    """Whether gelu_near0 gives a table's results wherever the pair form computes them (the
+    GPU's eager may be built with another CUDA, whose erff differs)."""
+    x = inputs.float()
+    near = x.abs() < GELU_NEAR
+    mine = gelu_near0(x[near]).to(inputs.dtype).view(torch.int16)
+    return torch.equal(mine, table[near].view(torch.int16))
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """Eager's results of a function of one float16/bfloat16 value for each of the 65,536 bit
+    patterns, which CUDA kernels read where eager's formula is dear (tf_hgelu2)."""
+
+    dtype: torch.dtype
+    eager: Callable[[torch.Tensor], torch.Tensor]
+    agrees: Callable[[torch.Tensor, torch.Tensor], bool]
+    """(every input, eager's results) -> whether the kernel's own arithmetic, where it uses
+    that instead of the table, gives those results."""
+
+
+# The C array's name -> its table. devices/cuda computes each once per GPU, with eager on that
+# GPU, and copies it into every kernel it loads that declares the array.
+TABLES = {
+    "tf_gelu_h_table": Table(torch.float16, torch.nn.functional.gelu, _gelu_agrees),
+    "tf_gelu_bf_table": Table(torch.bfloat16, torch.nn.functional.gelu, _gelu_agrees),
 }
 
 

@@ -211,42 +211,40 @@ HALVES = {torch.float16: "h", torch.bfloat16: "bf"}  # the pair helpers' infix: 
 
 # The erf GELU of a pair (ops.py's pair form), eager's bits. Eager computes x * 0.5 * (1 +
 # erff(x * M_SQRT1_2)) in float; CUDA's erff is branch-free, one polynomial for |a| < 1.00376
-# (0x3F807B28) and, past it, an exp of another, each with its coefficients picked per element:
-# about 20 instructions of an element's 30 in a 16-bit bias + GELU + scale, which an H200 must
-# issue faster than its memory moves the element (1.25x the copy floor, bench/RESULTS.md
-# session 14). Here |x| < 1.4140625 (a < 0.99992) computes the near polynomial alone,
-# tf_erff_near0: erff's own coefficients and operations in its order (libdevice's, as NVRTC
-# 13.5 writes them in PTX), so the same bits; every other input, specials too, reads eager's own
-# result from a table of all 65,536 (ops.TABLES: devices/cuda fills it when it loads the
-# kernel), through L1 with a load only where needed (the low half's index by a byte permute:
-# NVRTC's shift and mask of h & 0xffff took two instructions more). The scalar entries keep
-# the formula, and so do GPUs of memory scale 1 (ops.Ctx.tables): an H100, at the floor with
-# the formula, ran the table's kernel up to 5 % slower.
-GELU_PAIRS = r"""
-TF_FN float tf_erff_near0(float a) {
+# and, past it, an exp of another, each with its coefficients picked per element: about 20
+# instructions of an element's 30 in a 16-bit bias + GELU + scale, which an H200 must issue
+# faster than its memory moves the element (1.25x the copy floor, bench/RESULTS.md session 14).
+# Here |x| < ops.GELU_NEAR computes the near polynomial alone, tf_erff_near0: erff's own
+# coefficients and operations in its order (ops.ERFF_NEAR), so the same bits; every other input,
+# specials too, reads eager's own result from a table of all 65,536 (ops.TABLES: devices/cuda
+# fills it when it loads the kernel), through L1 with a load only where needed (the low half's
+# index by a byte permute: NVRTC's shift and mask of h & 0xffff took two instructions more).
+# The scalar entries keep the formula, and so do GPUs where the backend says the table does not
+# pay (an H100, at the floor with the formula, ran the table's kernel up to 5 % slower) or does
+# not agree with tf_gelu_near0 (eager built with a CUDA whose erff differs).
+_HORNER = "\n".join(f"  p = fmaf(p, s, __uint_as_float(0x{c:08X}u));" for c in ops.ERFF_NEAR[2:])
+GELU_PAIRS = f"""
+TF_FN float tf_erff_near0(float a) {{
   const float s = a * a;
-  float p = fmaf(__uint_as_float(0x388D8E09u), s, __uint_as_float(0xBA487A7Du));
-  p = fmaf(p, s, __uint_as_float(0x3BA886C1u));
-  p = fmaf(p, s, __uint_as_float(0xBCDBC4CFu));
-  p = fmaf(p, s, __uint_as_float(0x3DE712BBu));
-  p = fmaf(p, s, __uint_as_float(0xBEC09388u));
-  p = fmaf(p, s, __uint_as_float(0x3E0375D4u));
+  float p = fmaf(__uint_as_float(0x{ops.ERFF_NEAR[0]:08X}u), s, \
+__uint_as_float(0x{ops.ERFF_NEAR[1]:08X}u));
+{_HORNER}
   return fmaf(p, a, a);
-}
-TF_FN float tf_gelu_near0(float x) {
+}}
+TF_FN float tf_gelu_near0(float x) {{
   return x * fmaf(0.5f, tf_erff_near0(x * 0.70710678118654752440f), 0.5f);
-}
-#define TF_GELU_PAIR(t, table) \
-__device__ uint16_t table[65536]; \
-TF_FN uint32_t tf_##t##gelu2(uint32_t h) { \
-  float x0, x1; tf_##t##unpack2(h, x0, x1); \
-  uint32_t r = tf_##t##pack2(tf_gelu_near0(x0), tf_gelu_near0(x1)); \
-  if (!(fabsf(x0) < 1.4140625f)) \
-    r = (r & 0xffff0000u) | __ldg(&table[__byte_perm(h, 0, 0x7710)]); \
-  if (!(fabsf(x1) < 1.4140625f)) \
-    r = (r & 0xffffu) | (uint32_t)__ldg(&table[h >> 16]) << 16; \
-  return r; \
-}"""
+}}
+#define TF_GELU_PAIR(t, table) \\
+__device__ uint16_t table[65536]; \\
+TF_FN uint32_t tf_##t##gelu2(uint32_t h) {{ \\
+  float x0, x1; tf_##t##unpack2(h, x0, x1); \\
+  uint32_t r = tf_##t##pack2(tf_gelu_near0(x0), tf_gelu_near0(x1)); \\
+  if (!(fabsf(x0) < {ops.GELU_NEAR!r}f)) \\
+    r = (r & 0xffff0000u) | __ldg(&table[__byte_perm(h, 0, 0x7710)]); \\
+  if (!(fabsf(x1) < {ops.GELU_NEAR!r}f)) \\
+    r = (r & 0xffffu) | (uint32_t)__ldg(&table[h >> 16]) << 16; \\
+  return r; \\
+}}"""
 
 
 # Eager's float -> integer casts on CUDA: cvt.rzi from the value's own precision, which saturates
@@ -366,13 +364,15 @@ def _nth(expr: str, j: int) -> str:
 
 class CUDARenderer(CStyleRenderer):
     """``scale(device key) -> int``: the vector width's scale for that GPU (``vector_width``);
-    the backend knows its GPUs, the renderer only their scale."""
+    ``tables(device key, name) -> bool``: whether its kernels read table ``name`` of eager's
+    results (ops.TABLES). The backend knows its GPUs, the renderer only these answers."""
 
     cuda = True
     preamble = PREAMBLE
 
-    def __init__(self, scale: Callable[[str], int] = lambda device: 1) -> None:
-        self.scale = scale
+    def __init__(self, scale: Callable[[str], int] = lambda device: 1,
+                 tables: Callable[[str, str], bool] = lambda device, name: False) -> None:
+        self.scale, self.tables = scale, tables
 
     def convert(self, expr: str, src: torch.dtype, dst: torch.dtype) -> str:
         if src.is_floating_point and dst in _FLOAT_TO_INT:
@@ -411,9 +411,8 @@ class _Kernel:
                        if d.inner == CONTIG and not d.reused)
         moved = streamed + sum(d.itemsize for d in self.dtypes[self.n_in:])
         heavy = instructions(self.body) >= HEAVY * moved
-        self.scale = renderer.scale(argspec.device)
         self.width = vector_width(self.dtypes, streamed, self.flat, heavy,  # vector elements
-                                  self.scale)
+                                  renderer.scale(argspec.device))
         self.waiting = [e for e in entry_points(argspec) if self.waits(e)]
 
     def waits(self, entry: str) -> bool:
@@ -686,7 +685,8 @@ class _Kernel:
             else:
                 operands.append(None)
         ctx = ops.Ctx(compute=out, out=out, attrs=op.attr_dict, T="uint32_t", U="uint32_t",
-                      t=HALVES[out], f="", literal=str, cuda=True, tables=self.scale > 1)
+                      t=HALVES[out], f="", literal=str, cuda=True,
+                      table=lambda name: self.r.tables(self.argspec.device, name))
         template = selected.op.pair
         return template(ctx, *operands) if callable(template) else ctx.fmt(template, operands)
 

@@ -274,8 +274,29 @@ def _memory_per_multiprocessor(device_key: str) -> float | None:
     return per_multiprocessor
 
 
+@functools.cache
+def _tables_pay(device_key: str, name: str) -> bool:
+    """Whether kernels for a GPU read table ``name`` of eager's results (ops.TABLES) where its
+    pair form would compute dear math: on GPUs of memory scale 2, whose instruction issue bounds
+    such kernels, and only where the table agrees with the pair form's own arithmetic (which
+    copies CUDA 13's libdevice: eager's CUDA build may differ)."""
+    if _memory_scale(device_key) < 2:
+        return False
+    table = ops.TABLES[name]
+    try:
+        every = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(table.dtype)
+        agrees = table.agrees(every, _table(name, int(device_key.rpartition(":")[2])).cpu())
+    except Exception as error:  # no table: the formula
+        log(1, f"no {name} for {device_key}: {error}")
+        return False
+    if not agrees:
+        log(1, f"{name}: this GPU's eager disagrees with the pair form's own arithmetic; "
+               "kernels keep the formula")
+    return agrees
+
+
 class CUDABackend:
-    renderer = CUDARenderer(_memory_scale)
+    renderer = CUDARenderer(_memory_scale, _tables_pay)
 
     def __init__(self) -> None:
         self._keys: dict[int, str] = {}
@@ -732,10 +753,10 @@ def _table(name: str, index: int) -> torch.Tensor:
     bit patterns (made once per GPU)."""
     table = _tables.get((name, index))
     if table is None:
-        dtype, eager = ops.TABLES[name]
+        entry = ops.TABLES[name]
         bits = torch.arange(2**16, dtype=torch.int32, device=torch.device("cuda", index))
         with torch.no_grad():
-            table = eager(bits.to(torch.int16).view(dtype)).contiguous()
+            table = entry.eager(bits.to(torch.int16).view(entry.dtype)).contiguous()
         torch.cuda.current_stream(index).synchronize()
         table = _tables.setdefault((name, index), table)
     return table
