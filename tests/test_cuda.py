@@ -874,9 +874,9 @@ def test_erf_gelu_of_halves_reads_a_table_in_vector_entries():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_erf_gelu_table_is_filled_before_any_launch(cuda_fusion, dtype, native, launches,
                                                    monkeypatch):
-    """Every kernel that reads eager's GELU table (rendered so whatever the GPU) gets it before
-    its vector entry serves a call: through either launch path, on a side stream, in a second
-    kernel, on every 16-bit input, in a row-broadcast program."""
+    """Every kernel that reads eager's GELU table (rendered to read it whatever the GPU's
+    memory) gets it before its vector entry serves a call: through either launch path, on a
+    side stream, in a second kernel, on every 16-bit input, in a row-broadcast program."""
     renderer = CUDARenderer(backend._memory_scale, lambda device, name: True)
     monkeypatch.setattr(backend.CUDABackend, "renderer", renderer)
     torchfuse.clear_cache()  # no kernel rendered for this GPU's own scale
