@@ -903,12 +903,21 @@ def test_eager_tables_agree_with_the_pair_forms_here(cuda_fusion, name):
     """This GPU's eager gives, where a pair form computes instead of reading the table (the
     GELU's |x| < ops.GELU_NEAR), the results of the form's own arithmetic (ops.TABLES' agrees:
     a CPU model of it, checked against the kernel's bits by the test above); the backend reads
-    tables on GPUs of memory scale 2 only."""
+    tables on GPUs of memory scale 2 only. Both are made of real tensors where the first kernel
+    renders under fake ones (torch.compile)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
     table = ops.TABLES[name]
     key = backend.BACKEND.device_key(torch.device("cuda", 0))
+    backend._tables.pop((name, 0), None)
+    backend._tables_pay.cache_clear()
+    with FakeTensorMode():
+        pays = backend._tables_pay(key, name)
+        eager = backend._table(name, 0)
+    assert not isinstance(eager, FakeTensor)
     every = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(table.dtype)
-    assert table.agrees(every, backend._table(name, 0).cpu())
-    assert backend._tables_pay(key, name) == (backend._memory_scale(key) == 2)
+    assert table.agrees(every, eager.cpu())
+    assert pays == (backend._memory_scale(key) == 2)
 
 
 def test_fma32_rounds_once():

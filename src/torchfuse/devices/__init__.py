@@ -6,6 +6,7 @@ launch function, and describes its target (compiler, version, architecture) for 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 from typing import Protocol
@@ -13,6 +14,14 @@ from typing import Protocol
 import torch
 
 from ..codegen import CStyleRenderer
+
+# no_dispatch_modes(): real tensors inside, for a backend's own eager work at a build, which may
+# run under torch.compile's fake tensors or a user's dispatch mode (torch's own context; where
+# torch has none, no dispatch mode is expected at a build).
+try:
+    from torch.utils._python_dispatch import _disable_current_modes as no_dispatch_modes
+except ImportError:  # pragma: no cover
+    no_dispatch_modes = contextlib.nullcontext
 
 
 class CompileError(RuntimeError):

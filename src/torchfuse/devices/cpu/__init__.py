@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import array
-import contextlib
 import ctypes
 import functools
 import glob
@@ -21,16 +20,11 @@ from collections.abc import Callable
 
 import torch
 
-try:  # (torch's own; where it has none, no dispatch mode is expected at a build)
-    from torch.utils._python_dispatch import _disable_current_modes as _no_dispatch_modes
-except ImportError:  # pragma: no cover
-    _no_dispatch_modes = contextlib.nullcontext
-
 from ... import diskcache, ops
 from ...cache import count
 from ...codegen.c import VML, VML_MODE, CRenderer, streamed_from
 from ...config import config, log
-from .. import CompileError, EntryBuild, launcher
+from .. import CompileError, EntryBuild, launcher, no_dispatch_modes
 
 # -ffp-contract=off: eager rounds every op's result, so a product feeding an add is rounded
 # first; gcc's default (fast) would fuse the two into one multiply-add, rounding once.
@@ -183,7 +177,7 @@ def vml_functions() -> tuple[int, ...] | None:
         return None
     op_of = {op.vml: getattr(torch, op.name) for op in ops.OPS if op.vml}
     # real tensors even where the first kernel is built under torch.compile's fake tensors
-    with _no_dispatch_modes(), torch.no_grad():
+    with no_dispatch_modes(), torch.no_grad():
         x = torch.linspace(-3, 3, 67, dtype=torch.float64) ** 3
         for k, function in enumerate(functions):
             a = x.to(torch.float64 if k % 2 else torch.float32)

@@ -54,7 +54,7 @@ from ...cache import count
 from ...codegen import ptx
 from ...codegen.cuda import BLOCK, PREAMBLE, PTX_MARK, CUDARenderer
 from ...config import config, log
-from .. import CompileError, EntryBuild, launcher
+from .. import CompileError, EntryBuild, launcher, no_dispatch_modes
 
 INDEX_LIMIT = 2**31  # 32-bit kernels serve every element offset below this
 CHUNK = 2**30  # elements per launch of a flat kernel beyond INDEX_LIMIT (keeps 16-byte alignment)
@@ -284,8 +284,9 @@ def _tables_pay(device_key: str, name: str) -> bool:
         return False
     table = ops.TABLES[name]
     try:
-        every = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(table.dtype)
-        agrees = table.agrees(every, _table(name, int(device_key.rpartition(":")[2])).cpu())
+        with no_dispatch_modes(), torch.no_grad():
+            every = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(table.dtype)
+            agrees = table.agrees(every, _table(name, int(device_key.rpartition(":")[2])).cpu())
     except Exception as error:  # no table: the formula
         log(1, f"no {name} for {device_key}: {error}")
         return False
@@ -754,10 +755,10 @@ def _table(name: str, index: int) -> torch.Tensor:
     table = _tables.get((name, index))
     if table is None:
         entry = ops.TABLES[name]
-        bits = torch.arange(2**16, dtype=torch.int32, device=torch.device("cuda", index))
-        with torch.no_grad():
+        with no_dispatch_modes(), torch.no_grad():  # real tensors, under torch.compile too
+            bits = torch.arange(2**16, dtype=torch.int32, device=torch.device("cuda", index))
             table = entry.eager(bits.to(torch.int16).view(entry.dtype)).contiguous()
-        torch.cuda.current_stream(index).synchronize()
+            torch.cuda.current_stream(index).synchronize()
         table = _tables.setdefault((name, index), table)
     return table
 
