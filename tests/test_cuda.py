@@ -859,9 +859,9 @@ def test_erf_gelu_of_halves_reads_a_table_in_vector_entries():
     both = _source(fn, x, x.bfloat16(), tables=True)
     assert "__device__ uint16_t table[65536];" in both  # declared by the macro, for each:
     for t in ("h", "bf"):
-        assert both.count(f"TF_GELU_PAIR({t}, tf_gelu_{t}_table)") == 1
+        assert both.count(f"TF_GELU_PAIR({t}, {ops.GELU_TABLE.format(t=t)})") == 1
         assert f"tf_{t}gelu2(" in both
-        assert f"tf_gelu_{t}_table" in ops.TABLES
+        assert ops.GELU_TABLE.format(t=t) in ops.TABLES
     scalar = both[both.index("tf_scalar("):both.index("tf_vector(")]
     assert "erff(" in scalar and "gelu2(" not in scalar
     for source in (_source(lambda a: F.gelu(a, approximate="tanh"), x, tables=True),
@@ -892,7 +892,7 @@ def test_erf_gelu_table_is_filled_before_any_launch(cuda_fusion, dtype, native, 
                 assert_same_bits(fused(*inputs)[0], fn(*inputs))
     side.synchronize()
     assert launches.count("vector32") >= len(fns)
-    table = "tf_gelu_h_table" if dtype == torch.float16 else "tf_gelu_bf_table"
+    table = ops.GELU_TABLE.format(t=HALVES[dtype])
     assert (table, torch.cuda.current_device()) in backend._tables
     torchfuse.clear_cache()
 
@@ -915,8 +915,7 @@ def test_eager_tables_agree_with_the_pair_forms_here(cuda_fusion, name):
         pays = backend._tables_pay(key, name)
         eager = backend._table(name, 0)
     assert not isinstance(eager, FakeTensor)
-    every = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(table.dtype)
-    assert table.agrees(every, eager.cpu())
+    assert table.agrees(eager.cpu())
     assert pays == (backend._memory_scale(key) == 2)
 
 
@@ -947,16 +946,16 @@ def test_gelu_near0_is_a_gelu_and_checks_tables(dtype):
     """ops.gelu_near0, the pair form's arithmetic near 0, is the GELU (float64's within 1e-6
     |x| for every 16-bit input it serves), and a table that differs from it in one result it
     would compute is refused."""
-    every = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(dtype)
+    every = ops.every_value(dtype)
     x = every.float()
     near = x.abs() < ops.GELU_NEAR
     mine = ops.gelu_near0(x[near]).double()
     want = x[near].double() * 0.5 * (1 + torch.special.erf(x[near].double() / math.sqrt(2)))
     assert ((mine - want).abs() <= 1e-6 * x[near].double().abs() + 2.0**-149).all()
     table = torch.where(near, ops.gelu_near0(x).to(dtype), every.flip(0))
-    assert ops.TABLES[f"tf_gelu_{HALVES[dtype]}_table"].agrees(every, table)
+    assert ops.TABLES[ops.GELU_TABLE.format(t=HALVES[dtype])].agrees(table)
     table.view(torch.int16)[near.nonzero()[1000]] += 1
-    assert not ops.TABLES[f"tf_gelu_{HALVES[dtype]}_table"].agrees(every, table)
+    assert not ops.TABLES[ops.GELU_TABLE.format(t=HALVES[dtype])].agrees(table)
 
 
 DIVISORS = [3, 7.0, 0.1, -1e-3, 1e-45, 1e39, 0.0, -0.0, float("inf"), float("nan")]

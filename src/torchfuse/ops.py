@@ -344,7 +344,7 @@ def _gelu_pair(ctx: Ctx, a: Operand) -> str | None:
     eager's formula near 0, eager's own results from a table elsewhere (codegen/cuda.py,
     tf_hgelu2)."""
     if (ctx.attrs.get("approximate", "none") != "none"
-            or not ctx.table(f"tf_gelu_{ctx.t}_table")):
+            or not ctx.table(GELU_TABLE.format(t=ctx.t))):
         return None
     return f"tf_{ctx.t}gelu2({a})"
 
@@ -383,12 +383,18 @@ def gelu_near0(x: torch.Tensor) -> torch.Tensor:
     return x * fma32(half, fma32(p, a, a), half)
 
 
-def _gelu_agrees(inputs: torch.Tensor, table: torch.Tensor) -> bool:
+def every_value(dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """The 65,536 values of a 16-bit dtype in the order of their bit patterns (a table's)."""
+    bits = torch.arange(2**16, dtype=torch.int32, device=device)
+    return bits.to(torch.int16).view(dtype)
+
+
+def _gelu_agrees(table: torch.Tensor) -> bool:
     """Whether gelu_near0 gives a table's results wherever the pair form computes them (the
     GPU's eager may be built with another CUDA, whose erff differs)."""
-    x = inputs.float()
+    x = every_value(table.dtype).float()
     near = x.abs() < GELU_NEAR
-    mine = gelu_near0(x[near]).to(inputs.dtype).view(torch.int16)
+    mine = gelu_near0(x[near]).to(table.dtype).view(torch.int16)
     return torch.equal(mine, table[near].view(torch.int16))
 
 
@@ -399,16 +405,17 @@ class Table:
 
     dtype: torch.dtype
     eager: Callable[[torch.Tensor], torch.Tensor]
-    agrees: Callable[[torch.Tensor, torch.Tensor], bool]
-    """(every input, eager's results) -> whether the kernel's own arithmetic, where it uses
-    that instead of the table, gives those results."""
+    agrees: Callable[[torch.Tensor], bool]
+    """eager's results (on the CPU, in every_value's order) -> whether the kernel's own
+    arithmetic, where it uses that instead of the table, gives those results."""
 
 
 # The C array's name -> its table. devices/cuda computes each once per GPU, with eager on that
 # GPU, and copies it into every kernel it loads that declares the array.
+GELU_TABLE = "tf_gelu_{t}_table"  # t: the pair helpers' infix, h or bf
 TABLES = {
-    "tf_gelu_h_table": Table(torch.float16, torch.nn.functional.gelu, _gelu_agrees),
-    "tf_gelu_bf_table": Table(torch.bfloat16, torch.nn.functional.gelu, _gelu_agrees),
+    GELU_TABLE.format(t="h"): Table(torch.float16, torch.nn.functional.gelu, _gelu_agrees),
+    GELU_TABLE.format(t="bf"): Table(torch.bfloat16, torch.nn.functional.gelu, _gelu_agrees),
 }
 
 

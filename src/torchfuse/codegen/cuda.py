@@ -389,7 +389,7 @@ class CUDARenderer(CStyleRenderer):
         pairs = PAIRS if re.search(r"\btf_(h|bf)\w+2\(", code) else ""
         gelus = [t for t in HALVES.values() if f"tf_{t}gelu2(" in code]
         if gelus:
-            pairs += GELU_PAIRS + "".join(f"\nTF_GELU_PAIR({t}, tf_gelu_{t}_table)"
+            pairs += GELU_PAIRS + "".join(f"\nTF_GELU_PAIR({t}, {ops.GELU_TABLE.format(t=t)})"
                                           for t in gelus)
         return "\n".join([header, self.preamble, helpers_for(code + pairs), pairs, "", code,
                           *kernel.assembly(), ""])

@@ -282,11 +282,10 @@ def _tables_pay(device_key: str, name: str) -> bool:
     copies CUDA 13's libdevice: eager's CUDA build may differ)."""
     if _memory_scale(device_key) < 2:
         return False
-    table = ops.TABLES[name]
     try:
         with no_dispatch_modes(), torch.no_grad():
-            every = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(table.dtype)
-            agrees = table.agrees(every, _table(name, int(device_key.rpartition(":")[2])).cpu())
+            eager = _table(name, int(device_key.rpartition(":")[2])).cpu()
+            agrees = ops.TABLES[name].agrees(eager)
     except Exception as error:  # no table: the formula
         log(1, f"no {name} for {device_key}: {error}")
         return False
@@ -507,6 +506,7 @@ class _Launcher:
         self.entries = entry_points(source)
         self.flat = self.entries == ["scalar32", "vector32"]
         self.checked = "tf_checked_" in source
+        self.tables = [name for name in ops.TABLES if name in source]  # eager's, to fill
         self.native, self.cu_launch = launcher.get(), _driver("cuLaunchKernelEx")
         self.pdl = (_dependent_launch(index)  # the vector entry's launches
                     and "vector32" in _header(source, "waits for the kernel before"))
@@ -561,9 +561,7 @@ class _Launcher:
     def _fill_tables(self, library) -> None:
         """Copy eager's results into the tables of them (ops.TABLES) that a loaded entry
         declares, before any launch of it can read them."""
-        for name in ops.TABLES:
-            if name not in self.source:
-                continue
+        for name in self.tables:
             try:
                 pointer, size = _cu("cuLibraryGetGlobal", library, name.encode())
             except RuntimeError:  # not in this entry point
@@ -585,7 +583,7 @@ class _Launcher:
             core, (binary, handle) = _core(), self.kernels[entry]
             if hasattr(core.Kernel, "from_handle"):  # the one loaded here, its tables filled
                 kernel = core.Kernel.from_handle(handle)
-            elif any(name in self.source for name in ops.TABLES):
+            elif self.tables:
                 raise CompileError("this cuda.core cannot launch a kernel loaded here")
             else:
                 code = (core.ObjectCode.from_cubin(binary) if binary.startswith(ELF)
@@ -756,8 +754,8 @@ def _table(name: str, index: int) -> torch.Tensor:
     if table is None:
         entry = ops.TABLES[name]
         with no_dispatch_modes(), torch.no_grad():  # real tensors, under torch.compile too
-            bits = torch.arange(2**16, dtype=torch.int32, device=torch.device("cuda", index))
-            table = entry.eager(bits.to(torch.int16).view(entry.dtype)).contiguous()
+            inputs = ops.every_value(entry.dtype, torch.device("cuda", index))
+            table = entry.eager(inputs).contiguous()
             torch.cuda.current_stream(index).synchronize()
         table = _tables.setdefault((name, index), table)
     return table
