@@ -206,7 +206,7 @@ def test_source_needs_no_headers_under_nvrtc():
     assert "__CUDACC_RTC__" in PREAMBLE
 
 
-def test_vector_width_is_8_or_16_bytes_of_the_widest_operand_32_in_rows_of_halves():
+def test_vector_width_is_8_or_16_bytes_of_the_widest_operand_32_in_heavy_rows_of_halves():
     f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
     assert vector_width([f32, f32], 4) == 4  # one input: 8 bytes would load too little
     assert vector_width([f32, f32, f32], 8) == 2  # two: 8 bytes each
@@ -215,16 +215,17 @@ def test_vector_width_is_8_or_16_bytes_of_the_widest_operand_32_in_rows_of_halve
     assert vector_width([torch.bool, torch.uint8], 1) == 16
     assert vector_width([f64, torch.bool], 8) == 2
     assert vector_width([f64, f64, f64], 16) == 1
-    assert vector_width([f16, f16, f16], 2, flat=False) == 16  # rows of halves: 32 bytes
-    assert vector_width([bf16, bf16, bf16, torch.bool], 4, flat=False) == 8
-    assert vector_width([f32, f32, f16], 4, flat=False) == 4
-    assert vector_width([f32] * 7, 20, flat=False) == 2
+    assert vector_width([f16, f16, f16], 2, flat=False, work=9) == 16  # heavy rows of halves
+    assert vector_width([f16, f16, f16], 2, flat=False, work=5.75) == 8  # light ones: 16 bytes
+    assert vector_width([bf16, bf16, bf16, torch.bool], 4, flat=False, work=6) == 8
+    assert vector_width([f32, f32, f16], 4, flat=False, work=6) == 4
+    assert vector_width([f32] * 7, 20, flat=False, work=6) == 2
 
 
 def test_a_heavy_flat_body_moves_16_bytes_a_thread():
     f16 = torch.float16
-    assert vector_width([f16, f16, f16], 4, heavy=True) == 8
-    assert vector_width([f16, f16, f16], 4, flat=False, heavy=True) == 8  # rows: as before
+    assert vector_width([f16, f16, f16], 4, work=6) == 8
+    assert vector_width([f16, f16, f16], 4, flat=False, work=6) == 8  # rows: as before
     assert instructions(["float v2 = v0 * v1;"]) == 1  # a statement: one
     assert instructions(["float v2 = log1pf(v0) / v1;"]) == 1 + 33 + 16
     x, y = (torch.randn(4096, dtype=f16) for _ in range(2))
@@ -238,15 +239,26 @@ def test_a_heavy_flat_body_moves_16_bytes_a_thread():
 
 def test_gpus_with_faster_memory_per_multiprocessor_move_twice_the_bytes_a_thread():
     """An H200's memory feeds each multiprocessor 1.5x an H100's: its threads keep more bytes
-    in flight (strided 16-bit rows keep the doubling they have anyway)."""
+    in flight (strided 16-bit rows keep the doubling they have anyway), strided kernels from
+    half the work per byte."""
     f32, f16 = torch.float32, torch.float16
     assert vector_width([f32, f32, f32], 8) == 2 and vector_width([f32] * 3, 8, scale=2) == 4
     assert vector_width([f32] * 7, 16, scale=2) == 2  # a thread loads 32 bytes at 2 already
-    assert vector_width([f32] * 2, 4, heavy=True, scale=2) == 4  # heavy float32: 16 bytes
-    assert vector_width([f16] * 3, 4, heavy=True, scale=2) == 16
-    assert vector_width([f32] * 7, 20, flat=False, scale=2) == 4  # rows (an LSTM): doubled
-    assert vector_width([f16] * 7, 10, flat=False) == vector_width([f16] * 7, 10, flat=False,
-                                                                     scale=2) == 8  # an LSTM
+    assert vector_width([f32] * 2, 4, work=6, scale=2) == 4  # heavy float32: 16 bytes
+    assert vector_width([f16] * 3, 4, work=6, scale=2) == 16
+    assert vector_width([f32] * 7, 20, flat=False, work=4.8, scale=2) == 4  # an LSTM: doubled
+    assert vector_width([f16] * 7, 10, flat=False, work=8) == vector_width(
+        [f16] * 7, 10, flat=False, work=8, scale=2) == 8  # an LSTM
+    assert vector_width([f32] * 4, 4, flat=False, work=2.5, scale=2) == 4  # tanh(x + b) * s
+    assert vector_width([f32] * 4, 4, flat=False, work=3, scale=2) == 8
+    rows, row = torch.randn(64, 256), torch.randn(256)
+    for dtype, scale, elements in [(torch.float16, 1, 8), (torch.float16, 2, 8),
+                                   (f32, 2, 4), (torch.bfloat16, 2, 8)]:
+        affine = _source(lambda x, b, s: (x + b) * s, rows.to(dtype), row.to(dtype),
+                         row.to(dtype), scale=scale)
+        assert f"// vector elements: {elements}" in affine  # light rows: 16 bytes a thread
+    gelu = _source(lambda x, b, s: F.gelu(x + b) * s, rows, row, row, scale=2)
+    assert "// vector elements: 8" in gelu  # 4 instructions a byte: doubled on an H200
     x, y = (torch.randn(4096) for _ in range(2))
     spec = compiler.register(trace(lambda a, b: a * torch.sigmoid(a) * b, x, y))
     argspec, _ = interface.argspec_of(spec, [x, y])
@@ -281,14 +293,16 @@ def test_inputs_reused_by_every_row_do_not_count_as_streamed():
     assert [d.reused for d in argspec.inputs] == [False, True]
 
 
-def test_rows_of_halves_move_32_bytes_a_thread():
+def test_heavy_rows_of_halves_move_32_bytes_a_thread_light_ones_16():
     x = torch.randn(16, 64).half()
-    source = _source(lambda a, b: a + b, x, x[0])
+    source = _source(lambda a, b: F.gelu(a + b), x, x[0])  # ~9 instructions a byte
     assert "// vector elements: 16" in source
     # the streamed input by a plain ld.global, the row every row reuses by NVRTC's own load
     assert "b0.all = tf_ld((const tf_uint4x2*)(in0 + o0));" in source
     assert "b1.all = *(const tf_uint4x2*)(in1 + o1);" in source
     assert "*(tf_uint4x2*)(out0 + o2) = b2.all;" in source
+    light = _source(lambda a, b: a + b, x, x[0])
+    assert "// vector elements: 8" in light and "b0.all = tf_ld((const uint4*)(in0 + o0));" in light
     assert "// vector elements: 4" in _source(lambda a, b: a + b, x.flatten(), x.flatten() + 1)
 
 

@@ -57,6 +57,10 @@ def bias_act_scale(x, bias, scale):
     return F.gelu(x + bias) * scale
 
 
+def affine(x, weight, bias):
+    return x * weight + bias
+
+
 def lstm_gates(gates, cx):
     return (*gates.chunk(4, 1), cx)
 
@@ -129,13 +133,14 @@ WORKLOADS = [
     Workload("gelu_tanh", gelu_tanh, lambda n: [(n,)]),
     Workload("gated", gated, lambda n: [(n,), (n,)]),
     Workload("bias_act_scale", bias_act_scale, lambda n: [(_rows(n), COLS), (COLS,), (COLS,)]),
+    Workload("affine", affine, lambda n: [(_rows(n), COLS), (COLS,), (COLS,)]),
     Workload(
         "lstm_cell", lstm_cell, lambda n: [(_rows(n), 4 * COLS), (_rows(n), COLS)], views=lstm_gates
     ),
     Workload("adam_step", adam_step, lambda n: [(n,)] * 4, nonnegative=(3,)),
     Workload("where_mix", where_mix, lambda n: [(n,), (n,)]),
 ]
-HALF_VARIANTS = ("gelu_tanh", "gated", "bias_act_scale", "lstm_cell")
+HALF_VARIANTS = ("gelu_tanh", "gated", "bias_act_scale", "affine", "lstm_cell")
 
 
 def workloads_for(device: torch.device, only: Sequence[str], half: bool = False) -> list[Workload]:

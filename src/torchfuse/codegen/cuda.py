@@ -287,15 +287,15 @@ def instructions(body: list[str]) -> int:
     return total
 
 
-def vector_width(dtypes, streamed: int, flat: bool = True, heavy: bool = False,
+def vector_width(dtypes, streamed: int, flat: bool = True, work: float = 0.0,
                  scale: int = 1) -> int:
     """Elements per thread in a vector kernel (``dtypes``: its operands; ``streamed``: the bytes
     per element of the inputs it streams from memory, which are neither broadcast nor reused by
-    every row; ``heavy``: its body takes HEAVY instructions or more per byte an element moves):
-    8 bytes of the widest operand where a thread then still loads 16 bytes or more and the body
-    is light, else 16 (one load or store of each operand); twice that (two) in a strided kernel
-    whose widest operand is float16 or bfloat16. Measured on the H100, x the copy floor or x
-    Inductor's kernel:
+    every row; ``work``: the instructions its body takes per byte an element moves, heavy from
+    HEAVY): 8 bytes of the widest operand where a thread then still loads 16 bytes or more and
+    the body is light, else 16 (one load or store of each operand); twice that (two) in a
+    strided kernel whose widest operand is float16 or bfloat16 and whose body is heavy. Measured
+    on the H100, x the copy floor or x Inductor's kernel:
 
     - More threads that move less each fed the memory better (gated, where_mix float32 0.993 ->
       0.980, adam_step 1.005 -> 0.998; LSTM cell rows float32 0.983 -> 0.974), but a thread
@@ -309,21 +309,34 @@ def vector_width(dtypes, streamed: int, flat: bool = True, heavy: bool = False,
       16, 1.0005 -> 1.012.
     - Strided float16/bfloat16 kernels compute in float, twice the work per byte of float32's,
       and unravel an index per thread: 16 elements pay for it where 8 left a GELU over
-      bias-added rows at 1.10 (-> 1.04). Not in flat kernels (gelu_tanh float16 1.033 -> 1.042).
+      bias-added rows at 1.10 (-> 1.04). Not in flat kernels (gelu_tanh float16 1.033 -> 1.042),
+      nor in strided ones lighter than HEAVY, whose two 16-byte loads or stores a thread each
+      cover half of every 32-byte sector in their warp's span (bench/RESULTS.md, session 17,
+      x the floor, two loads -> one: (x + b) * s over rows, float16, 1.042 -> 1.004;
+      tanh(x + b) * s, float16, 5.75 instructions a byte, 1.022 -> 1.003).
     - ``scale`` 2, a GPU whose memory feeds each multiprocessor faster (an H200: 37 GB/s
       against an H100's 25), wants more bytes in flight: a light thread must load 32 bytes to
-      stay at 8 bytes an operand, every strided kernel doubles, and so do heavy 16-bit flat
-      ones. On an H200, x Inductor's kernel (or tf/ind in the bench): gated float32 1.032 ->
-      0.996, where_mix float32 1.090 -> 0.993, gated float16 1.121 -> 0.997, the LSTM cell
-      float32 1.082 -> 1.007, bias_act_scale float32 (1.004 -> 0.992), gelu_tanh bfloat16
-      0.979 -> 0.868; not gelu_tanh float32 at 32 bytes (0.966 -> 0.991), nor the LSTM cell
-      float16 at 32 (1.124 -> 1.131), nor adam_step float32 at 16 (0.998 -> 1.004).
+      stay at 8 bytes an operand, strided kernels double from HEAVY / 2 instructions a byte,
+      and so do heavy 16-bit flat ones. On an H200, x Inductor's kernel (or tf/ind in the
+      bench): gated float32 1.032 -> 0.996, where_mix float32 1.090 -> 0.993, gated float16
+      1.121 -> 0.997, the LSTM cell float32 1.082 -> 1.007, bias_act_scale float32 (1.004 ->
+      0.992), gelu_tanh bfloat16 0.979 -> 0.868; not gelu_tanh float32 at 32 bytes (0.966 ->
+      0.991), nor the LSTM cell float16 at 32 (1.124 -> 1.131), nor adam_step float32 at 16
+      (0.998 -> 1.004). Strided bodies over rows, x the floor, one 16-byte load of each
+      operand a thread -> two: (x + b) * s float32 (0.25 instructions a byte) 0.998 -> 1.135,
+      float16 (1) 1.001 -> 1.150, tanh(x + b) * s float32 (2.5) 1.001 -> 1.084; sigmoid(x + b)
+      * s float32 (3.6) 1.013 -> 1.008, float16 (5.3) 1.052 -> 1.017, GELU float32 (4) 1.050 ->
+      1.021 (session 17).
     """
     widest = max(d.itemsize for d in dtypes)
+    heavy = work >= HEAVY
     narrow = max(1, VECTOR_BYTES // 2 // widest)
     light = not (heavy and flat) and narrow * streamed >= VECTOR_BYTES * scale
     width = narrow if light else VECTOR_BYTES // widest
-    doubled = (widest == 2 or scale > 1) if not flat else (widest == 2 and heavy and scale > 1)
+    if flat:
+        doubled = widest == 2 and heavy and scale > 1
+    else:
+        doubled = (widest == 2 or scale > 1) and work * scale >= HEAVY
     return width * 2 if doubled else width
 
 
@@ -410,8 +423,8 @@ class _Kernel:
         streamed = sum(d.dtype.itemsize for d in argspec.inputs
                        if d.inner == CONTIG and not d.reused)
         moved = streamed + sum(d.itemsize for d in self.dtypes[self.n_in:])
-        heavy = instructions(self.body) >= HEAVY * moved
-        self.width = vector_width(self.dtypes, streamed, self.flat, heavy,  # vector elements
+        work = instructions(self.body) / moved
+        self.width = vector_width(self.dtypes, streamed, self.flat, work,  # vector elements
                                   renderer.scale(argspec.device))
         self.waiting = [e for e in entry_points(argspec) if self.waits(e)]
 
