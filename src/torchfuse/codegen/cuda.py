@@ -294,8 +294,9 @@ def vector_width(dtypes, streamed: int, flat: bool = True, work: float = 0.0,
     every row; ``work``: the instructions its body takes per byte an element moves, heavy from
     HEAVY): 8 bytes of the widest operand where a thread then still loads 16 bytes or more and
     the body is light, else 16 (one load or store of each operand); twice that (two) in a
-    strided kernel whose widest operand is float16 or bfloat16 and whose body is heavy. Measured
-    on the H100, x the copy floor or x Inductor's kernel:
+    strided kernel whose widest operand is float16 or bfloat16 (any, where ``scale`` is 2) and
+    whose body takes HEAVY / ``scale`` instructions a byte or more. Measured on the H100, x the
+    copy floor or x Inductor's kernel:
 
     - More threads that move less each fed the memory better (gated, where_mix float32 0.993 ->
       0.980, adam_step 1.005 -> 0.998; LSTM cell rows float32 0.983 -> 0.974), but a thread
