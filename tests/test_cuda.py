@@ -8,6 +8,7 @@ Everything marked ``cuda`` is skipped where torch sees no GPU; the differential 
 from __future__ import annotations
 
 import math
+import re
 import threading
 import warnings
 from fractions import Fraction
@@ -865,8 +866,9 @@ def test_functions_of_halves_are_eagers_bit_for_bit(device, dtype, fn, launches)
 def test_erf_gelu_of_halves_reads_a_table_in_vector_entries():
     """Where the backend says tables pay, a 16-bit erf GELU's vector body computes eager's erff
     polynomial near 0 and reads eager's results from a table elsewhere (one array per dtype,
-    named as ops.TABLES names it); the scalar entries, the tanh GELU, float32 and GPUs where
-    tables do not pay keep the formula."""
+    named as ops.TABLES names it) at an address the vector body computes once a thread; the
+    scalar entries, the tanh GELU, float32 and GPUs where tables do not pay keep the
+    formula."""
     x = torch.randn(64, dtype=torch.float16)
     fn = lambda a, b: F.gelu(a) + F.gelu(b).float()  # noqa: E731
     assert "gelu2(" not in _source(fn, x, x.bfloat16(), scale=2)
@@ -874,8 +876,11 @@ def test_erf_gelu_of_halves_reads_a_table_in_vector_entries():
     assert "__device__ uint16_t table[65536];" in both  # declared by the macro, for each:
     for t in ("h", "bf"):
         assert both.count(f"TF_GELU_PAIR({t}, {ops.GELU_TABLE.format(t=t)})") == 1
-        assert f"tf_{t}gelu2(" in both
-        assert ops.GELU_TABLE.format(t=t) in ops.TABLES
+        name = ops.GELU_TABLE.format(t=t)
+        assert name in ops.TABLES
+        assert both.count(f"const uint16_t* const {name}_at = tf_table_at({name}, n_);") == 1
+        assert both.count(f"tf_{t}gelu2(") == both.count(f"tf_{t}gelu2(h") == 1
+        assert re.search(rf"tf_{t}gelu2\(h\d+, {name}_at\)", both)
     scalar = both[both.index("tf_scalar("):both.index("tf_vector(")]
     assert "erff(" in scalar and "gelu2(" not in scalar
     for source in (_source(lambda a: F.gelu(a, approximate="tanh"), x, tables=True),

@@ -346,7 +346,7 @@ def _gelu_pair(ctx: Ctx, a: Operand) -> str | None:
     if (ctx.attrs.get("approximate", "none") != "none"
             or not ctx.table(GELU_TABLE.format(t=ctx.t))):
         return None
-    return f"tf_{ctx.t}gelu2({a})"
+    return f"tf_{ctx.t}gelu2({a}, {GELU_TABLE.format(t=ctx.t)}_at)"  # the kernel's tf_table_at
 
 
 # CUDA's erff for |a| < 1.00376 (0x3F807B28), as NVRTC 13.5 writes it in PTX: a polynomial in

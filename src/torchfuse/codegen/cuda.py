@@ -218,7 +218,9 @@ HALVES = {torch.float16: "h", torch.bfloat16: "bf"}  # the pair helpers' infix: 
 # coefficients and operations in its order (ops.ERFF_NEAR), so the same bits; every other input,
 # specials too, reads eager's own result from a table of all 65,536 (ops.TABLES: devices/cuda
 # fills it when it loads the kernel), through L1 with a load only where needed (the low half's
-# index by a byte permute: NVRTC's shift and mask of h & 0xffff took two instructions more).
+# index by a byte permute: NVRTC's shift and mask of h & 0xffff took two instructions more; each
+# result put in place by a byte permute too: a mask and a permute where written as masks), at
+# the address the kernel computes once a thread (tb, tf_table_at).
 # The scalar entries keep the formula, and so do GPUs where the backend says the table does not
 # pay (an H100, at the floor with the formula, ran the table's kernel up to 5 % slower) or does
 # not agree with tf_gelu_near0 (eager built with a CUDA whose erff differs).
@@ -234,15 +236,24 @@ __uint_as_float(0x{ops.ERFF_NEAR[1]:08X}u));
 TF_FN float tf_gelu_near0(float x) {{
   return x * fmaf(0.5f, tf_erff_near0(x * 0.70710678118654752440f), 0.5f);
 }}
+/* A table's address, once a thread (_Kernel.vector), as the table's plus n >> 62 (n, the
+   kernel's element count, is below 2**62) added in assembly, where NVVM cannot fold it into
+   each index: the symbol's own address ptxas reloads from the constant bank before every load,
+   an instruction an element; this one it keeps in registers (H200, bias + GELU + scale over
+   16-bit rows, with the permutes: 2 %). */
+TF_FN const uint16_t* tf_table_at(const uint16_t* table, int64_t n) {{
+  const uint16_t* p; asm("add.s64 %0, %1, %2;" : "=l"(p) : "l"(table), "l"(n >> 62));
+  return p;
+}}
 #define TF_GELU_PAIR(t, table) \\
 __device__ uint16_t table[65536]; \\
-TF_FN uint32_t tf_##t##gelu2(uint32_t h) {{ \\
+TF_FN uint32_t tf_##t##gelu2(uint32_t h, const uint16_t* tb) {{ \\
   float x0, x1; tf_##t##unpack2(h, x0, x1); \\
   uint32_t r = tf_##t##pack2(tf_gelu_near0(x0), tf_gelu_near0(x1)); \\
   if (!(fabsf(x0) < {ops.GELU_NEAR!r}f)) \\
-    r = (r & 0xffff0000u) | __ldg(&table[__byte_perm(h, 0, 0x7710)]); \\
+    r = __byte_perm(r, __ldg(&tb[__byte_perm(h, 0, 0x7710)]), 0x3254); \\
   if (!(fabsf(x1) < {ops.GELU_NEAR!r}f)) \\
-    r = (r & 0xffffu) | (uint32_t)__ldg(&table[h >> 16]) << 16; \\
+    r = __byte_perm(r, __ldg(&tb[h >> 16]), 0x5410); \\
   return r; \\
 }}"""
 
@@ -596,10 +607,13 @@ class _Kernel:
             loads = [*(f"    {line}" for line in self.offsets("base")),
                      *(f"    {line}" for p in inputs for line in load(p))]
             stores = [f"    {store(p)}" for p in outputs]
+        tables = [f"  const uint16_t* const {name}_at = tf_table_at({name}, n_);"
+                  for name in ops.TABLES if any(f"{name}_at" in line for line in element)]
         return [
             "template <typename I>",
             f"TF_FN void tf_vector(\n    {self.params()}) {{",
             f"  const I n = (I)n_, full = n / {width}, vectors = (n + {width - 1}) / {width};",
+            *tables,
             "  const I step = (I)gridDim.x * blockDim.x;",
             "  int tf_err = 0;",
             "  for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < vectors; i += step) {",
