@@ -916,6 +916,83 @@ def test_erf_gelu_table_is_filled_before_any_launch(cuda_fusion, dtype, native, 
     torchfuse.clear_cache()
 
 
+def _gelu_of_rows(dtype):
+    """A 16-bit bias + erf GELU + scale over rows, its inputs (every 16-bit pattern, shuffled)
+    and eager's function."""
+    x = _every_half(dtype, "cuda").view(256, 256)
+    fn = lambda a, b: F.gelu(a + b) * b  # noqa: E731
+    return fn, (x, x[0].flip(0).contiguous())
+
+
+@gpu
+def test_erf_gelu_first_called_inside_a_cuda_graph_capture(cuda_fusion, monkeypatch):
+    """A 16-bit erf GELU's first call inside a CUDA graph capture, where the GPU reads tables:
+    making the table would run eager on the capturing stream (and break the capture), so the
+    kernel keeps the formula: the capture holds, the replay gives eager's bits."""
+    made = []
+
+    def agree(device_key, name):  # tables pay on this GPU, whatever its memory (made once)
+        made.append(name)
+        return backend._table(name, torch.cuda.current_device()) is not None
+
+    monkeypatch.setattr(backend, "_tables_agree", agree)
+    torchfuse.clear_cache()
+    fn, (x, b) = _gelu_of_rows(torch.bfloat16)
+    key = torchfuse.register_fusion(trace(fn, x, b))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, = torchfuse.run_fusion(key, x, b)
+    assert made == []
+    for kernel in SPECS[key].kernels.values():
+        kernel.launch.wait()
+        assert kernel.launch.tables == []
+    x.copy_(x.flip(1))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_same_bits(out, fn(x, b))
+    torchfuse.clear_cache()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_erf_gelu_table_filled_while_a_cuda_graph_is_captured(cuda_fusion, dtype, monkeypatch):
+    """The vector entry loads (and its table is filled) on the background thread while the
+    caller captures a CUDA graph: the capture holds, the entry serves the captured launches,
+    and the replay gives eager's bits."""
+    renderer = CUDARenderer(backend._memory_scale, lambda device, name: True)
+    monkeypatch.setattr(backend.CUDABackend, "renderer", renderer)
+    gate = threading.Event()
+    build = backend._Launcher._build_vector
+
+    def held(launcher):  # the background build waits for the capture to begin
+        gate.wait(60)
+        build(launcher)
+
+    monkeypatch.setattr(backend._Launcher, "_build_vector", held)
+    torchfuse.clear_cache()
+    fn, (x, b) = _gelu_of_rows(dtype)
+    backend._table(ops.GELU_TABLE.format(t=HALVES[dtype]), torch.cuda.current_device())
+    key = torchfuse.register_fusion(trace(fn, x, b))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the default stream, as capture asks
+        torchfuse.run_fusion(key, x, b)
+    torch.cuda.current_stream().wait_stream(side)
+    launch = SPECS[key].kernels.values()[0].launch
+    assert launch.tables and "vector32" not in launch.kernels
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gate.set()
+        launch.wait()
+        out, = torchfuse.run_fusion(key, x, b)
+    assert "vector32" in launch.kernels  # built, its table filled, during the capture
+    x.copy_(x.flip(1))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_same_bits(out, fn(x, b))
+    torchfuse.clear_cache()
+
+
 @gpu
 @pytest.mark.parametrize("name", list(ops.TABLES))
 def test_eager_tables_agree_with_the_pair_forms_here(cuda_fusion, name):
@@ -929,7 +1006,7 @@ def test_eager_tables_agree_with_the_pair_forms_here(cuda_fusion, name):
     table = ops.TABLES[name]
     key = backend.BACKEND.device_key(torch.device("cuda", 0))
     backend._tables.pop((name, 0), None)
-    backend._tables_pay.cache_clear()
+    backend._tables_agree.cache_clear()
     with FakeTensorMode():
         pays = backend._tables_pay(key, name)
         eager = backend._table(name, 0)

@@ -33,6 +33,7 @@ pay that synchronisation, the others return as soon as the launch is queued.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -274,12 +275,18 @@ def _memory_per_multiprocessor(device_key: str) -> float | None:
     return per_multiprocessor
 
 
-@functools.cache
 def _tables_pay(device_key: str, name: str) -> bool:
     """Whether kernels for a GPU read table ``name`` of eager's results (ops.TABLES) where its
     pair form would compute dear math: on GPUs of memory scale 2, whose instruction issue bounds
     such kernels, and only where the table agrees with the pair form's own arithmetic (which
-    copies CUDA 13's libdevice: eager's CUDA build may differ)."""
+    copies CUDA 13's libdevice: eager's CUDA build may differ). Not while this thread captures a
+    CUDA graph: making the table runs eager on the stream, which would break the capture (such
+    a kernel keeps the formula; the answer is not remembered)."""
+    return not torch.cuda.is_current_stream_capturing() and _tables_agree(device_key, name)
+
+
+@functools.cache
+def _tables_agree(device_key: str, name: str) -> bool:
     if _memory_scale(device_key) < 2:
         return False
     try:
@@ -560,18 +567,23 @@ class _Launcher:
 
     def _fill_tables(self, library) -> None:
         """Copy eager's results into the tables of them (ops.TABLES) that a loaded entry
-        declares, before any launch of it can read them."""
+        declares, before any launch of it can read them (the copy waited for: any stream may
+        launch the entry next). The entry loads on the background thread, maybe while the
+        caller captures a CUDA graph, where the driver refuses a copy on the legacy default
+        stream and the capture fails with it: the copy goes on a stream of torchfuse's own, in
+        relaxed capture mode (what PyTorch's own side work does)."""
         for name in self.tables:
             try:
                 pointer, size = _cu("cuLibraryGetGlobal", library, name.encode())
             except RuntimeError:  # not in this entry point
                 continue
-            table = _table(name, self.index)
+            table = _table(name, self.index)  # made (and waited for) at the kernel's render
             if size != table.numel() * table.element_size():
                 raise CompileError(f"{name} holds {size} bytes")
-            stream = torch.cuda.current_stream(self.index)
-            _cu("cuMemcpyDtoDAsync", pointer, table.data_ptr(), size, stream.cuda_stream)
-            stream.synchronize()  # any stream may launch the entry next
+            with _relaxed_capture():
+                stream = _own_stream(self.index)
+                _cu("cuMemcpyDtoDAsync", pointer, table.data_ptr(), size, stream)
+                _cu("cuStreamSynchronize", stream)
 
     def _name(self, entry: str) -> str:
         return ("tf_checked_" if self.checked else "tf_") + entry
@@ -742,6 +754,31 @@ class _Launcher:
         if not self.failed:
             self.failed = True
             warnings.warn(message, RuntimeWarning, stacklevel=5)
+
+
+@functools.cache
+def _own_stream(index: int) -> object:
+    """A stream of torchfuse's own on GPU ``index`` (its context current), non-blocking: it
+    never waits for the legacy default stream, nor that for it."""
+    from cuda.bindings import driver
+
+    _enter(index)
+    return _cu("cuStreamCreate", driver.CUstream_flags.CU_STREAM_NON_BLOCKING)
+
+
+@contextlib.contextmanager
+def _relaxed_capture():
+    """This thread in relaxed stream-capture mode for the block: while any thread captures a
+    CUDA graph in the default (global) mode, the driver refuses 'potentially unsafe' calls in
+    every other thread, and the capture fails."""
+    from cuda.bindings import driver
+
+    before = _cu("cuThreadExchangeStreamCaptureMode",
+                 driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED)
+    try:
+        yield
+    finally:
+        _cu("cuThreadExchangeStreamCaptureMode", before)
 
 
 _tables: dict[tuple[str, int], torch.Tensor] = {}
