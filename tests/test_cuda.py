@@ -27,7 +27,7 @@ from conftest import (
     trace,
 )
 from torchfuse import compiler, devices, executor, interface, ops
-from torchfuse.cache import SPECS
+from torchfuse.cache import SPECS, STATS
 from torchfuse.codegen.cuda import (
     HALVES,
     PREAMBLE,
@@ -720,6 +720,36 @@ def test_integer_division_by_zero_gives_eagers_result(cuda_fusion):
     assert_matches_eager(lambda a, b: a // b + 1, x, y)
     y[17] = 0  # CUDA eager does not raise; the flag sends the call to the fallback
     assert_matches_eager(lambda a, b: a // b + 1, x, y)
+
+
+@gpu
+def test_integer_division_inside_a_cuda_graph_capture(cuda_fusion):
+    """A kernel that can fail (integer division) reads its error flag back after each launch,
+    which a CUDA graph capture forbids: inside one the call runs eager's ops instead, which the
+    graph captures, and the replay gives eager's values, by zero too (CUDA eager does not
+    raise); outside, the kernel again."""
+    x = make_input((1000,), torch.int32, "cuda")
+    y = make_input((1000,), torch.int32, "cuda", low=1, high=5)
+    fn = lambda a, b: a // b + 1  # noqa: E731
+    key = torchfuse.register_fusion(trace(fn, x, y))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the default stream, as capture asks
+        torchfuse.run_fusion(key, x, y)
+        SPECS[key].kernels.settle()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    before = STATS.fallbacks
+    with torch.cuda.graph(graph):
+        out, = torchfuse.run_fusion(key, x, y)
+    assert STATS.fallbacks == before + 1
+    y[17] = 0
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_same(out, fn(x, y))
+    y[17] = 1
+    assert_same(torchfuse.run_fusion(key, x, y)[0], fn(x, y))
+    assert STATS.fallbacks == before + 1
 
 
 @gpu

@@ -90,7 +90,11 @@ class Kernel:
     reason: str = ""  # why launch is None: this ArgSpec runs through the fallback
 
 
-ERRORS = {1: "integer division by zero"}
+ERRORS = {  # a launch's error codes: the kernel's own (1), the CUDA launcher's (2, 3)
+    1: "integer division by zero",
+    2: "the kernel could not be launched",
+    3: "a kernel that can fail, inside a CUDA graph capture (its error flag cannot be read)",
+}
 
 
 @dataclasses.dataclass(eq=False)

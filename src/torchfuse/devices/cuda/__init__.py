@@ -28,7 +28,9 @@ tensor, ran at 1.05-1.24x the copy floor at 2**26 elements where this one runs a
 threads waited on each iteration's loads). Kernels whose body can fail (integer division by zero)
 get a device flag that is read back after the launch, which waits for the kernel: only those kernels
 pay that synchronisation, the others return as soon as the launch is queued.
-(CUDA eager does not raise there, so the fallback then gives eager's own values.)
+(CUDA eager does not raise there, so the fallback then gives eager's own values.) Inside a CUDA
+graph capture the flag cannot be read: such kernels then run as eager's ops, which the graph
+captures.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ from .. import CompileError, EntryBuild, launcher, no_dispatch_modes
 
 INDEX_LIMIT = 2**31  # 32-bit kernels serve every element offset below this
 CHUNK = 2**30  # elements per launch of a flat kernel beyond INDEX_LIMIT (keeps 16-byte alignment)
-LAUNCH_FAILED = 2  # error code: the executor runs the fallback
+LAUNCH_FAILED = 2  # error codes (spec.ERRORS), for which the executor runs the fallback:
+UNCHECKED = 3  # a kernel that can fail, called while its stream captures a CUDA graph
 GRID_MAX = 2**31 - 1  # blocks in a grid's x dimension; the kernels loop past it
 ELF = b"\x7fELF"
 LAYOUTS_MAX = 4096  # memoised entry choices per kernel, cleared when full
@@ -641,6 +644,8 @@ class _Launcher:
                                f"cuLaunchKernelEx returned CUresult {result}")
                     return LAUNCH_FAILED
                 return 0
+        if self.checked and torch.cuda.is_current_stream_capturing():
+            return UNCHECKED  # its flag cannot be read back there: eager's ops are captured
         pointers = [t if isinstance(t, int) else t.data_ptr() for t in tensors]
         flag = torch.zeros(1, dtype=torch.int32, device=self.device) if self.checked else None
         try:
