@@ -954,6 +954,14 @@ def _gelu_of_rows(dtype):
     return fn, (x, x[0].flip(0).contiguous())
 
 
+def _assert_replays_eager(graph, out, fn, x, b):
+    """``graph``, replayed on new values of ``x``, leaves eager's bits in ``out``."""
+    x.copy_(x.flip(1))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_same_bits(out, fn(x, b))
+
+
 @gpu
 def test_erf_gelu_first_called_inside_a_cuda_graph_capture(cuda_fusion, monkeypatch):
     """A 16-bit erf GELU's first call inside a CUDA graph capture, where the GPU reads tables:
@@ -976,10 +984,7 @@ def test_erf_gelu_first_called_inside_a_cuda_graph_capture(cuda_fusion, monkeypa
     for kernel in SPECS[key].kernels.values():
         kernel.launch.wait()
         assert kernel.launch.tables == []
-    x.copy_(x.flip(1))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert_same_bits(out, fn(x, b))
+    _assert_replays_eager(graph, out, fn, x, b)
     torchfuse.clear_cache()
 
 
@@ -1016,10 +1021,7 @@ def test_erf_gelu_table_filled_while_a_cuda_graph_is_captured(cuda_fusion, dtype
         launch.wait()
         out, = torchfuse.run_fusion(key, x, b)
     assert "vector32" in launch.kernels  # built, its table filled, during the capture
-    x.copy_(x.flip(1))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert_same_bits(out, fn(x, b))
+    _assert_replays_eager(graph, out, fn, x, b)
     torchfuse.clear_cache()
 
 
