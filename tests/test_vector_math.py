@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import platform
+import re
 
 import pytest
 import torch
@@ -291,6 +292,25 @@ def test_composite_activations_accurate():
         torch.testing.assert_close(got, fn(x), equal_nan=True)
 
 
+def test_tanh_saturates_as_eagers():
+    """Eager's CPU tanh GELU and mish take SLEEF's tanh (ATen's Vectorized), exactly ±1 past
+    |y| > 8.664339742, where libmvec's tanhf still gives ±(1 - 2**-24) up to |y| ~ 10: there
+    1 + tanh is 0 as eager's, so a GELU divided by itself is NaN as eager's (a random program's
+    find, seed 105,460), and a float16 tanh GELU is eager's on every input (lengths of whole
+    vectors: eager's scalar tail calls the C library's tanh)."""
+    gelu = lambda t: torch.nn.functional.gelu(t, approximate="tanh")  # noqa: E731
+    x = torch.linspace(5.07, 5.45, 1024)  # 8.67 < |y| < 10.1
+    x = torch.cat([-x, x])
+    with torch.backends.mkldnn.flags(enabled=False):  # ATen's own kernel, as ours
+        for fn in (gelu, lambda t: gelu(t) / gelu(t)):
+            assert_same_bits(run_fused(fn, x), fn(x), "tanh GELU")
+        a = torch.linspace(8.7, 10.0, 1024)  # mish: log1p(exp(a)) past the bound
+        assert_same_bits(run_fused(torch.nn.functional.mish, a),
+                         torch.nn.functional.mish(a), "mish")
+        every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)
+        assert_same_bits(run_fused(gelu, every), gelu(every), "float16 tanh GELU")
+
+
 def test_threads_start_sooner_for_math_calls_and_16_bit_roundings():
     limit = torchfuse.config.parallel_threshold
     assert c_codegen.parallel_threshold(["float v2 = v0 * v1;"]) == limit
@@ -324,13 +344,18 @@ def test_kernel_declares_its_math_functions_simd():
 
 @pytest.mark.skipif(not cpu_backend._has_vector_math(), reason="no glibc >= 2.35 on x86-64")
 def test_kernels_call_the_vector_variants():
-    """Where libmvec is there, the compiled kernel calls its vector variants (_ZGV... symbols)."""
+    """Where libmvec is there, the compiled kernel calls its vector variants (_ZGV... symbols):
+    also a tanh whose argument SLEEF's bound selects (a select of its result made gcc call the
+    scalar tanh in each lane), in float and, for a float16 result, in double."""
     flags = cpu_backend._flags(torchfuse.config.cc, torchfuse.config.cflags)
     assert cpu_backend.VECTOR_MATH_FLAGS[0] in flags
     x = torch.randn(64)
-    source = torchfuse.get_fused_kernel_code(trace(torch.expm1, x), x)
-    binary = cpu_backend.BACKEND.compile(source, torch.device("cpu"))
-    assert b"_ZGV" in binary and b"expm1f" in binary
+    gelu = lambda t: torch.nn.functional.gelu(t, approximate="tanh")  # noqa: E731
+    for fn, t, name in ((torch.expm1, x, "expm1f"), (torch.nn.functional.mish, x, "tanhf"),
+                        (gelu, x.half(), "tanh")):
+        source = torchfuse.get_fused_kernel_code(trace(fn, t), t)
+        binary = cpu_backend.BACKEND.compile(source, torch.device("cpu"))
+        assert re.search(rb"_ZGV\w+_" + name.encode() + rb"\0", binary), name
 
 
 def test_logs_keep_out_of_domain_lanes_off_the_slow_path():

@@ -320,12 +320,20 @@ _CLAMP = {"f": _CLAMP_CPU, "i": _clamp, "cuda": {"f": _clamp_lone_bound}}
 # as is halving 1 + e, which is 0 or at least 2**-24: each side rounds the same product once; not
 # so for float's odd subnormals): one instruction of the ~30 an element of a 16-bit GELU takes on
 # CUDA, where such kernels are bound by arithmetic rather than memory.
+def _sleef_tanh(y: str) -> str:
+    """tanh(y) in a CPU kernel where eager's is SLEEF's (codegen/cstyle, tf_sleef_tanh_arg):
+    1 + tanh is then 0 where eager's is (a float16 tanh GELU of x ~ -5.06 gave -1.8e-7 for
+    eager's -0; a float32 one divided by itself gave 1 for eager's NaN). The C library's tanh
+    stays outermost, where a 16-bit kernel's in_double finds it."""
+    return f"tanh{{f}}(tf_sleef_tanh_arg{{f}}({y}))"
+
+
 _ERF_CDF = "erf{f}({a} * 0.70710678118654752440{F})"
 _TANH_CDF_CUDA = "tanh{f}(0.79788456080286535588{F} * fma{f}(0.044715{F}, {a} * {a} * {a}, {a}))"
 _GELU = {
     "none": f"0.5{{F}} * {{a}} * (1 + {_ERF_CDF})",
-    "tanh": "0.5{F} * {a} * (1 + tanh{f}(0.79788456080286535588{F} * "
-    "({a} + 0.044715{F} * ({a} * {a} * {a}))))",
+    "tanh": "0.5{F} * {a} * (1 + "
+    + _sleef_tanh("0.79788456080286535588{F} * ({a} + 0.044715{F} * ({a} * {a} * {a}))") + ")",
     "tanh_cuda": f"0.5{{F}} * {{a}} * (1 + {_TANH_CDF_CUDA})",
     "none_cuda16": f"{{a}} * fma{{f}}(0.5{{F}}, {_ERF_CDF}, 0.5{{F}})",
     "tanh_cuda16": f"{{a}} * fma{{f}}(0.5{{F}}, {_TANH_CDF_CUDA}, 0.5{{F}})",
@@ -575,7 +583,8 @@ OPS: tuple[OpDef, ...] = (
     _fn("sigmoid", _SIGMOID, cuda={"f": _sigmoid_cuda}),
     _fn("frac", "{a} - trunc{f}({a})"),
     _fn("silu", "{a} / (1 + exp{f}(-{a}))"),
-    _fn("mish", "{a} * tanh{f}(log1p{f}(exp{f}({a})))"),
+    _fn("mish", "{a} * " + _sleef_tanh("log1p{f}(exp{f}({a}))"),
+        cuda={"f": "{a} * tanh{f}(log1p{f}(exp{f}({a})))"}),
     _fn("hardsigmoid", "TF_MIN(TF_MAX({a} + 3, 0), 6) / 6", cuda={"f": _hardsigmoid_cuda}),
     _fn("hardswish", "{a} * TF_MIN(TF_MAX({a} + 3, 0), 6) / 6", cuda={"f": _hardswish_cuda}),
     _fn("gelu", _gelu, pair=_gelu_pair),

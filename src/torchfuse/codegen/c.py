@@ -96,9 +96,10 @@ def in_double(expr: str) -> str:
     call SLEEF's float functions (within 1 ulp) or the C library's scalar ones, and so did ours
     while their loop stayed scalar; libmvec's float functions (within 4 ulp) put more results on
     the other side of a float16 rounding boundary: of the 65,536 float16 inputs, sigmoid 1, log
-    3, the tanh GELU 259 differ from eager's (0, 0 and 25 in double). bfloat16's 8 bits hide
-    them (its tanh GELU: 20 in float, 4 in double), and double halves the vector: its kernels
-    keep float, as before."""
+    3, the tanh GELU 259 differ from eager's (0, 0 and 0 in double; the tanh GELU's 25 left
+    before tf_sleef_tanh_arg were SLEEF's saturation). bfloat16's 8 bits hide them (its tanh
+    GELU: 8 in float, 20 before), and double halves the vector: its kernels keep float,
+    as before."""
     out, pos = [], 0
     for match in _CALL.finditer(expr):
         if match.start() < pos or match.group(2) != "f":  # inside a call made double; not float

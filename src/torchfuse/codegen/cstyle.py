@@ -90,6 +90,18 @@ TF_FN float tf_div_floor_steps_##S(float a, float b) { \
 }
 TF_DIV_FLOOR_ROUNDED(f16, tf_round_f16)
 TF_DIV_FLOOR_ROUNDED(bf16, tf_round_bf16)"""),
+    (("tf_sleef_tanh_arg",), r"""
+/* The argument that makes the C library's tanh saturate where eager's vectorised CPU kernels of
+   the tanh GELU and mish do (ATen's Vectorized tanh, SLEEF's: exactly +-1 past its bound, where
+   libmvec's tanhf still gives 1 - 2**-24 up to |y| ~ 10): y itself, or +-20 (+-40 in double),
+   whose tanh is +-1 in every library. The call stays unconditional: a select of its result
+   made gcc call the scalar tanh in each lane. */
+TF_FN float tf_sleef_tanh_argf(float y) {
+  return fabsf(y) > 8.664339742f ? copysignf(20.0f, y) : y;
+}
+TF_FN double tf_sleef_tanh_arg(double y) {
+  return fabs(y) > 18.714973875 ? copysign(40.0, y) : y;
+}"""),
     (("tf_f2i32", "tf_f2i64"), r"""
 /* float -> integer as x86 converts (out of range and NaN give the minimum), without UB */
 TF_FN int32_t tf_f2i32(double x) {
