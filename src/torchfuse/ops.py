@@ -314,12 +314,6 @@ _CLAMP_CPU = _clamp_lone_bound if torch.__version__ < "2.13" else _clamp
 _CLAMP = {"f": _CLAMP_CPU, "i": _clamp, "cuda": {"f": _clamp_lone_bound}}
 
 
-# Eager's formulas, its operations in its order. CUDA eager's nvcc contracts x + k * x**3 into
-# one fma (we compile without contraction: -fmad=false), so the CUDA form says so. For a
-# float16/bfloat16 x, 0.5 * x * (1 + e) is x * fma(0.5, e, 0.5) bit for bit (halving x is exact,
-# as is halving 1 + e, which is 0 or at least 2**-24: each side rounds the same product once; not
-# so for float's odd subnormals): one instruction of the ~30 an element of a 16-bit GELU takes on
-# CUDA, where such kernels are bound by arithmetic rather than memory.
 def _sleef_tanh(y: str) -> str:
     """tanh(y) in a CPU kernel where eager's is SLEEF's (codegen/cstyle, tf_sleef_tanh_arg):
     1 + tanh is then 0 where eager's is (a float16 tanh GELU of x ~ -5.06 gave -1.8e-7 for
@@ -328,6 +322,12 @@ def _sleef_tanh(y: str) -> str:
     return f"tanh{{f}}(tf_sleef_tanh_arg{{f}}({y}))"
 
 
+# Eager's formulas, its operations in its order. CUDA eager's nvcc contracts x + k * x**3 into
+# one fma (we compile without contraction: -fmad=false), so the CUDA form says so. For a
+# float16/bfloat16 x, 0.5 * x * (1 + e) is x * fma(0.5, e, 0.5) bit for bit (halving x is exact,
+# as is halving 1 + e, which is 0 or at least 2**-24: each side rounds the same product once; not
+# so for float's odd subnormals): one instruction of the ~30 an element of a 16-bit GELU takes on
+# CUDA, where such kernels are bound by arithmetic rather than memory.
 _ERF_CDF = "erf{f}({a} * 0.70710678118654752440{F})"
 _TANH_CDF_CUDA = "tanh{f}(0.79788456080286535588{F} * fma{f}(0.044715{F}, {a} * {a} * {a}, {a}))"
 _GELU = {
