@@ -185,6 +185,25 @@ def test_op_dtypes(name, dtype, device):
     assert_matches_eager(fn, *_inputs(name, arity, dtype, device=device))
 
 
+@pytest.mark.parametrize("dtype", INTS, ids=_dtype_id)
+def test_shifts_past_the_width(dtype, device):
+    """Shift counts past the type's width (or negative): eager's left shift gives 0, its right
+    shift the sign bit's copies, which is 0 for uint8 (whose top bit was copied: 236 >> 8 gave
+    1, a random program's find, seed 207,022); operands with the top bit set, every count."""
+    info = torch.iinfo(dtype)
+    values = torch.tensor([info.min, info.max, -1 if info.min else 236, 1, 0, 100], dtype=dtype)
+    counts = torch.arange(max(info.min, -3), min(info.max, 70) + 1, dtype=dtype)
+    a = values.repeat_interleave(len(counts)).to(device)
+    b = counts.repeat(len(values)).to(device)
+    for fn in (torch.bitwise_left_shift, torch.bitwise_right_shift):
+        assert_matches_eager(fn, a, b)
+    if dtype == torch.uint8:  # counts that are negative as int8 (eager's test)
+        b = torch.arange(120, 256, dtype=dtype).to(device)
+        a = torch.full_like(b, 236)
+        for fn in (torch.bitwise_left_shift, torch.bitwise_right_shift):
+            assert_matches_eager(fn, a, b)
+
+
 # libdevice's double pow, which NVRTC builds under our -fmad=false and nvcc built for eager with
 # contraction, rounds otherwise in about 1 of 70,000 results (no other libdevice function of
 # float or double did in 1M inputs): those cases are held to assert_close.

@@ -190,8 +190,9 @@ TF_FN T tf_pow_##t(T a, T b) { \
   return (T)result; \
 } \
 TF_FN T tf_shl_##t(T a, T b) { return (b < 0 || b >= BITS) ? 0 : (T)((U)a << b); } \
-TF_FN T tf_shr_##t(T a, T b) { \
-  return (b < 0 || b >= BITS) ? (T)(a >> (BITS - 1)) : (T)(a >> b); \
+TF_FN T tf_shr_##t(T a, T b) {  /* past the width: the sign bit's copies, 0 unsigned */ \
+  if (b < 0 || b >= BITS) return (T)-1 < 0 ? (T)(a >> (BITS - 1)) : 0; \
+  return (T)(a >> b); \
 }"""),
 ]
 INT_HELPER_TYPES = {"u8": ("uint8_t", "uint32_t", 8), "i8": ("int8_t", "uint32_t", 8),
