@@ -358,10 +358,19 @@ def _gelu_pair(ctx: Ctx, a: Operand) -> str | None:
 
 
 # CUDA's erff for |a| < 1.00376 (0x3F807B28), as NVRTC 13.5 writes it in PTX: a polynomial in
-# a * a, Horner's fmas from the highest coefficient (float bits), then fma(p, a, a). The GELU's
-# pair form computes it alone where |x| < GELU_NEAR (a = x / sqrt(2) < 0.99992).
+# a * a, Horner's fmas from the highest coefficient (float bits), then fma(p, a, a).
 ERFF_NEAR = (0x388D8E09, 0xBA487A7D, 0x3BA886C1, 0xBCDBC4CF, 0x3DE712BB, 0xBEC09388, 0x3E0375D4)
-GELU_NEAR = 1.4140625
+GELU_NEAR = 1.4140625  # x / sqrt(2) < 0.99992: erff's near polynomial serves eager's GELU
+# The pair form's GELU for |x| < GELU_NEAR: x * fma(x, R(x * x), 0.5), R(t) a polynomial
+# (Horner's fmas from the highest coefficient, float bits) for 0.5 * erf(sqrt(t / 2)) / sqrt(t),
+# for each dtype of the lowest degree whose every result there rounds as eager's
+# (bench/fit_gelu_near.py: 8 instructions an element for float16, 7 for bfloat16, against 11
+# for eager's erff polynomial and its scaling; H200, bias + GELU + scale over bfloat16 rows,
+# 1.09 -> 1.05x the copy floor).
+GELU_NEAR_POLYNOMIALS = {
+    torch.float16: (0xB6CC1E38, 0x38E24584, 0xBA9A8667, 0x3C2354FB, 0xBD882B8F, 0x3ECC4227),
+    torch.bfloat16: (0x389DBB54, 0xBA92389D, 0x3C22767D, 0xBD882246, 0x3ECC41F3),
+}
 
 
 def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -377,18 +386,29 @@ def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.where((e != 0) & even, odd, s).float()
 
 
-def gelu_near0(x: torch.Tensor) -> torch.Tensor:
-    """The pair form's GELU of float32 values near 0 (codegen/cuda.py, tf_gelu_near0), as the
-    GPU computes it: x * fma(0.5, erff(x * M_SQRT1_2), 0.5) with erff's near polynomial."""
-    k = torch.tensor(0.70710678118654752440, dtype=torch.float32)
-    a = x * k
-    s = a * a
-    coefficients = torch.tensor(ERFF_NEAR, dtype=torch.int64).to(torch.int32).view(torch.float32)
-    p = coefficients[0].expand_as(s)
-    for coefficient in coefficients[1:]:
-        p = fma32(p, s, coefficient.expand_as(s))
+def horner32(coefficients: Sequence[int], t: torch.Tensor) -> torch.Tensor:
+    """A polynomial in float32 t (float bits, the highest coefficient first) by fmaf's."""
+    c = torch.tensor(coefficients, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    p = c[0].expand_as(t)
+    for coefficient in c[1:]:
+        p = fma32(p, t, coefficient.expand_as(t))
+    return p
+
+
+def eager_gelu_near0(x: torch.Tensor) -> torch.Tensor:
+    """CUDA eager's erf GELU of float32 values near 0 (|x| < GELU_NEAR) as the GPU computes
+    it: x * 0.5 * (1 + erff(x * M_SQRT1_2)) with erff's near polynomial, written as x *
+    fma(0.5, erff, 0.5) (the same bits). What the pair forms' polynomials are fitted against."""
+    a = x * torch.tensor(0.70710678118654752440, dtype=torch.float32)
     half = torch.full_like(x, 0.5)
-    return x * fma32(half, fma32(p, a, a), half)
+    return x * fma32(half, fma32(horner32(ERFF_NEAR, a * a), a, a), half)
+
+
+def gelu_near0(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The pair form's GELU of float32 values near 0 for a 16-bit dtype (codegen/cuda.py,
+    tf_hgelu_near0), as the GPU computes it."""
+    p = horner32(GELU_NEAR_POLYNOMIALS[dtype], x * x)
+    return x * fma32(x, p, torch.full_like(x, 0.5))
 
 
 def every_value(dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
@@ -402,7 +422,7 @@ def _gelu_agrees(table: torch.Tensor) -> bool:
     GPU's eager may be built with another CUDA, whose erff differs)."""
     x = every_value(table.dtype).float()
     near = x.abs() < GELU_NEAR
-    mine = gelu_near0(x[near]).to(table.dtype).view(torch.int16)
+    mine = gelu_near0(x[near], table.dtype).to(table.dtype).view(torch.int16)
     return torch.equal(mine, table[near].view(torch.int16))
 
 

@@ -214,28 +214,30 @@ HALVES = {torch.float16: "h", torch.bfloat16: "bf"}  # the pair helpers' infix: 
 # and, past it, an exp of another, each with its coefficients picked per element: about 20
 # instructions of an element's 30 in a 16-bit bias + GELU + scale, which an H200 must issue
 # faster than its memory moves the element (1.25x the copy floor, bench/RESULTS.md session 14).
-# Here |x| < ops.GELU_NEAR computes the near polynomial alone, tf_erff_near0: erff's own
-# coefficients and operations in its order (ops.ERFF_NEAR), so the same bits; every other input,
-# specials too, reads eager's own result from a table of all 65,536 (ops.TABLES: devices/cuda
-# fills it when it loads the kernel), through L1 with a load only where needed (the low half's
-# index by a byte permute: NVRTC's shift and mask of h & 0xffff took two instructions more; each
-# result put in place by a byte permute too: a mask and a permute where written as masks), at
-# the address the kernel computes once a thread (tb, tf_table_at).
-# The scalar entries keep the formula, and so do GPUs where the backend says the table does not
-# pay (an H100, at the floor with the formula, ran the table's kernel up to 5 % slower) or does
-# not agree with tf_gelu_near0 (eager built with a CUDA whose erff differs).
-_HORNER = "\n".join(f"  p = fmaf(p, s, __uint_as_float(0x{c:08X}u));" for c in ops.ERFF_NEAR[2:])
+# Here |x| < ops.GELU_NEAR computes a polynomial of the dtype's own, tf_hgelu_near0 (ops.py's
+# gelu_near0: x * fma(x, R(x * x), 0.5), of the lowest degree whose every result rounds as
+# eager's there: 8 instructions an element for float16, 7 for bfloat16, where eager's erff
+# polynomial and its scaling take 11); every other input, specials too, reads eager's own result
+# from a table of all 65,536 (ops.TABLES: devices/cuda fills it when it loads the kernel),
+# through L1 with a load only where needed (the low half's index by a byte permute: NVRTC's
+# shift and mask of h & 0xffff took two instructions more; each result put in place by a byte
+# permute too: a mask and a permute where written as masks), at the address the kernel computes
+# once a thread (tb, tf_table_at). The scalar entries keep the formula, and so do GPUs where the
+# backend says the table does not pay (an H100, at the floor with the formula, ran the table's
+# kernel up to 5 % slower) or does not agree with the polynomial (eager built with a CUDA whose
+# erff differs).
+def _gelu_near0(t: str, dtype: torch.dtype) -> str:
+    first, *rest = ops.GELU_NEAR_POLYNOMIALS[dtype]
+    horner = "".join(f"\n  p = fmaf(p, t, __uint_as_float(0x{c:08X}u));" for c in rest)
+    return f"""
+TF_FN float tf_{t}gelu_near0(float x) {{
+  const float t = x * x;
+  float p = __uint_as_float(0x{first:08X}u);{horner}
+  return x * fmaf(x, p, 0.5f);
+}}"""
+
+
 GELU_PAIRS = f"""
-TF_FN float tf_erff_near0(float a) {{
-  const float s = a * a;
-  float p = fmaf(__uint_as_float(0x{ops.ERFF_NEAR[0]:08X}u), s, \
-__uint_as_float(0x{ops.ERFF_NEAR[1]:08X}u));
-{_HORNER}
-  return fmaf(p, a, a);
-}}
-TF_FN float tf_gelu_near0(float x) {{
-  return x * fmaf(0.5f, tf_erff_near0(x * 0.70710678118654752440f), 0.5f);
-}}
 /* A table's address, once a thread (_Kernel.vector), as the table's plus n >> 62 (n, the
    kernel's element count, is below 2**62) added in assembly, where NVVM cannot fold it into
    each index: the symbol's own address ptxas reloads from the constant bank before every load,
@@ -249,7 +251,7 @@ TF_FN const uint16_t* tf_table_at(const uint16_t* table, int64_t n) {{
 __device__ uint16_t table[65536]; \\
 TF_FN uint32_t tf_##t##gelu2(uint32_t h, const uint16_t* tb) {{ \\
   float x0, x1; tf_##t##unpack2(h, x0, x1); \\
-  uint32_t r = tf_##t##pack2(tf_gelu_near0(x0), tf_gelu_near0(x1)); \\
+  uint32_t r = tf_##t##pack2(tf_##t##gelu_near0(x0), tf_##t##gelu_near0(x1)); \\
   if (!(fabsf(x0) < {ops.GELU_NEAR!r}f)) \\
     r = __byte_perm(r, __ldg(&tb[__byte_perm(h, 0, 0x7710)]), 0x3254); \\
   if (!(fabsf(x1) < {ops.GELU_NEAR!r}f)) \\
@@ -414,8 +416,9 @@ class CUDARenderer(CStyleRenderer):
         pairs = PAIRS if re.search(r"\btf_(h|bf)\w+2\(", code) else ""
         gelus = [t for t in HALVES.values() if f"tf_{t}gelu2(" in code]
         if gelus:
-            pairs += GELU_PAIRS + "".join(f"\nTF_GELU_PAIR({t}, {ops.GELU_TABLE.format(t=t)})"
-                                          for t in gelus)
+            pairs += GELU_PAIRS + "".join(
+                _gelu_near0(t, dtype) + f"\nTF_GELU_PAIR({t}, {ops.GELU_TABLE.format(t=t)})"
+                for dtype, t in HALVES.items() if t in gelus)
         return "\n".join([header, self.preamble, helpers_for(code + pairs), pairs, "", code,
                           *kernel.assembly(), ""])
 
