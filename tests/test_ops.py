@@ -204,6 +204,31 @@ def test_shifts_past_the_width(dtype, device):
             assert_matches_eager(fn, a, b)
 
 
+_SIGNED_ZERO_FNS = {
+    "maximum": torch.maximum,
+    "minimum": torch.minimum,
+    "clamp_tensors": lambda x, y: torch.clamp(x, y, y + 1),
+    "clamp_tensors_above": lambda x, y: torch.clamp(x, y - 1, y),
+    "clamp_0_1": lambda x, y: torch.clamp(x, 0, 1),
+    "clamp_below_0": lambda x, y: torch.clamp(x, -1, -0.0),
+    "hardtanh_0_1": lambda x, y: F.hardtanh(x, 0.0, 1.0),
+    "hardtanh_below_0": lambda x, y: F.hardtanh(x, -1.0, -0.0),
+    "relu6": lambda x, y: F.relu6(x),
+}
+
+
+@pytest.mark.parametrize("name", list(_SIGNED_ZERO_FNS))
+@pytest.mark.parametrize("dtype", FLOATS, ids=_dtype_id)
+def test_max_and_min_of_signed_zeros(dtype, device, name):
+    """The larger or smaller of -0 and +0, bit for bit: the CPU's eager keeps the first
+    (std::max), CUDA's takes fmax/fmin, +0 for the larger and -0 for the smaller in either order
+    (a random program's find: clamp(-0, 0, 1) gave -0 for eager's +0, seed 2,200,596)."""
+    zeros = torch.tensor([-0.0, 0.0], dtype=dtype)
+    a, b = zeros.repeat_interleave(2).to(device), zeros.repeat(2).to(device)  # every pair
+    fn = _SIGNED_ZERO_FNS[name]
+    assert_same_bits(run_registered(fn, a, b)[0], fn(a, b), name)
+
+
 # libdevice's double pow, which NVRTC builds under our -fmad=false and nvcc built for eager with
 # contraction, rounds otherwise in about 1 of 70,000 results (no other libdevice function of
 # float or double did in 1M inputs): those cases are held to assert_close.

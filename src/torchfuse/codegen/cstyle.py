@@ -126,9 +126,13 @@ TF_FN int64_t tf_f2i64(double x) {
 #define TF_QUOTIENT(x) ((x) / b)
 #define TF_TIMES_INVERSE(x) ((x) * inverse)
 #define TF_SAME(x) (x)
+#ifndef TF_FMAX  /* max/min of numbers (not NaN) as the device's eager: the CPU's keeps the first */
+#define TF_FMAX(S, a, b) TF_MAX(a, b)
+#define TF_FMIN(S, a, b) TF_MIN(a, b)
+#endif
 #define TF_FLOAT_HELPERS(S, T) \
-TF_FN T tf_max##S(T a, T b) { return (a != a || b != b) ? a + b : TF_MAX(a, b); } \
-TF_FN T tf_min##S(T a, T b) { return (a != a || b != b) ? a + b : TF_MIN(a, b); } \
+TF_FN T tf_max##S(T a, T b) { return (a != a || b != b) ? a + b : TF_FMAX(S, a, b); } \
+TF_FN T tf_min##S(T a, T b) { return (a != a || b != b) ? a + b : TF_FMIN(S, a, b); } \
 TF_FN T tf_remainder##S(T a, T b) { \
   T mod = fmod##S(a, b); \
   if (mod != 0 && ((b < 0) != (mod < 0))) mod += b; \

@@ -103,6 +103,10 @@ TF_FN uint32_t tf_divide(uint32_t n, uint32_t d, uint32_t magic, uint32_t shift)
   return (__umulhi(n, magic) + n) >> shift;
 }
 TF_FN uint64_t tf_divide(uint64_t n, uint64_t d, uint32_t magic, uint32_t shift) { return n / d; }
+/* maximum, minimum, clamp, hardtanh: CUDA eager's ::max/::min of two numbers is fmax/fmin, whose
+   max of -0 and +0 is +0 and min -0 in either order (the CPU's keeps the first) */
+#define TF_FMAX(S, a, b) fmax##S(a, b)
+#define TF_FMIN(S, a, b) fmin##S(a, b)
 #if __CUDA_ARCH__ >= 800  /* one instruction instead of the portable bit arithmetic */
 /* The packed form: the scalar cvt.rn.bf16.f32 runs on the slow conversion unit (F2F.BF16),
    the packed one on the ALU pipe (F2FP.BF16.PACK_AB), like float16's; same rounding. */
