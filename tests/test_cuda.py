@@ -1107,15 +1107,16 @@ def test_division_by_a_number_is_eagers_bit_for_bit(device, dtype):
 
 def test_cuda_divides_by_a_number_as_a_product_with_its_reciprocal():
     """The double's reciprocal rounded to the compute type, as eager's CUDA kernel takes it; a
-    tensor divisor keeps the division; floor and truncating division multiply by the float
-    reciprocal of the float divisor (eager's div_floor_kernel_cuda, div_trunc_kernel_cuda)."""
+    tensor divisor keeps the division (by its intrinsic: ops._div_cuda); floor and truncating
+    division multiply by the float reciprocal of the float divisor (eager's
+    div_floor_kernel_cuda, div_trunc_kernel_cuda)."""
     x = torch.randn(64)
     assert "v0 * 0.3333333432674408f" in _source(lambda a: a / 3, x)
     assert "v0 * 0.3333333333333333;" in _source(lambda a: a / 3, x.double())
     assert "v0 * (-1000.0f)" in _source(lambda a: a / -1e-3, x)  # 1 / -0.001f is -999.99994
     assert "v0 * 1.0000002153053333e-39f" in _source(lambda a: a / 1e39, x)  # float(1e39): inf
     assert "tf_round_f16((float)(v0 * 10.0f))" in _source(lambda a: a / 0.1, x.half())
-    assert "v0 / v1" in _source(lambda a, b: a / b, x, torch.randn(64))
+    assert "__fdiv_rn(v0, v1)" in _source(lambda a, b: a / b, x, torch.randn(64))
     floor = _source(lambda a: torch.div(a, 7.0, rounding_mode="floor"), x)
     assert "tf_div_floor_rcpf(v0, 7.0f, 0.1428571492433548f)" in floor
     trunc = _source(lambda a: torch.div(a, 3.0, rounding_mode="trunc"), x)

@@ -229,6 +229,19 @@ def test_max_and_min_of_signed_zeros(dtype, device, name):
     assert_same_bits(run_registered(fn, a, b)[0], fn(a, b), name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_division_of_zeros_known_when_compiled_is_nan(dtype, device):
+    """A quotient whose operands the C compiler knows to be 0 (x < x is false for every x) is
+    NaN to what follows it: NVRTC folded such a / into a NaN that x != x called a number, so
+    relu of it gave 0 for eager's NaN (a random program's find, seed 1,503,977)."""
+    x = make_input((130,), dtype, device)
+    fns = [lambda x: F.relu((x < x).to(x.dtype) / (x < x).to(x.dtype)),
+           lambda x: torch.isnan((x > x).to(x.dtype) / (x != x).to(x.dtype)),
+           lambda x: torch.maximum((x < x).to(x.dtype) / (x < x).to(x.dtype), x)]
+    for fn in fns:
+        assert_matches_eager(fn, x)
+
+
 # libdevice's double pow, which NVRTC builds under our -fmad=false and nvcc built for eager with
 # contraction, rounds otherwise in about 1 of 70,000 results (no other libdevice function of
 # float or double did in 1M inputs): those cases are held to assert_close.

@@ -248,8 +248,11 @@ def _div_cuda(ctx: Ctx, a: Operand, b: Operand) -> str:
     -1000.0, not by 1 / -0.001f = -999.99994, and x / 1e39 by 1e-39, not by 1 / inf."""
     if ctx.attrs.get("rounding_mode") == "floor":
         return _div_floor_cuda(ctx, a, b)
-    if ctx.attrs.get("rounding_mode") is not None or not b.number:
+    if ctx.attrs.get("rounding_mode") is not None:
         return _div("f")(ctx, a, b)
+    if not b.number:  # div.rn by its intrinsic: NVRTC folds a / with constant operands 0 into
+        # a NaN that x != x calls a number (relu(div(x < x, x < x)) gave 0 for eager's NaN)
+        return f"__{'d' if ctx.T == 'double' else 'f'}div_rn({a}, {b})"
     inverse = 1 / torch.tensor(float(b.const), dtype=torch.float64)
     compute = torch.float64 if ctx.T == "double" else torch.float32  # eager's opmath type
     return f"{a} * {ctx.literal(inverse.to(compute).item())}"

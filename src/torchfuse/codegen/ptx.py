@@ -674,6 +674,9 @@ class _Parser:
             a, b = args
             less = e.binary("<", a, b) if name == "TF_MAX" else e.binary("<", b, a)
             return e.select(less, b, a)
+        if name in ("__fdiv_rn", "__ddiv_rn"):  # CUDA C's division intrinsics (ops._div_cuda)
+            t = FLOAT if name == "__fdiv_rn" else DOUBLE
+            return e.binary("/", e.convert(args[0], t), e.convert(args[1], t))
         if name in ("tf_round_f16", "tf_round_bf16"):
             return round_half(e, e.convert(args[0], FLOAT), name == "tf_round_bf16")
         if name in ("fmaf", "fma"):  # a * b + c rounded once
