@@ -235,9 +235,14 @@ def test_division_of_zeros_known_when_compiled_is_nan(dtype, device):
     NaN to what follows it: NVRTC folded such a / into a NaN that x != x called a number, so
     relu of it gave 0 for eager's NaN (a random program's find, seed 1,503,977)."""
     x = make_input((130,), dtype, device)
-    fns = [lambda x: F.relu((x < x).to(x.dtype) / (x < x).to(x.dtype)),
+    zero = lambda x: (x < x).to(x.dtype)  # noqa: E731
+    fns = [lambda x: F.relu(zero(x) / zero(x)),
            lambda x: torch.isnan((x > x).to(x.dtype) / (x != x).to(x.dtype)),
-           lambda x: torch.maximum((x < x).to(x.dtype) / (x < x).to(x.dtype), x)]
+           lambda x: torch.maximum(zero(x) / zero(x), x),
+           lambda x: F.relu(torch.addcdiv(x, zero(x), zero(x))),
+           lambda x: F.relu(torch.div(zero(x), zero(x), rounding_mode="trunc")),
+           lambda x: F.relu(torch.div(zero(x), zero(x), rounding_mode="floor")),
+           lambda x: torch.isnan(torch.div(zero(x), zero(x), rounding_mode="floor"))]
     for fn in fns:
         assert_matches_eager(fn, x)
 
