@@ -407,10 +407,10 @@ def eager_gelu_near0(x: torch.Tensor) -> torch.Tensor:
     return x * fma32(half, fma32(horner32(ERFF_NEAR, a * a), a, a), half)
 
 
-def gelu_near0(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The pair form's GELU of float32 values near 0 for a 16-bit dtype (codegen/cuda.py,
-    tf_hgelu_near0), as the GPU computes it."""
-    p = horner32(GELU_NEAR_POLYNOMIALS[dtype], x * x)
+def gelu_near0(x: torch.Tensor, polynomial: Sequence[int]) -> torch.Tensor:
+    """The pair form's GELU of float32 values near 0 (codegen/cuda.py, tf_hgelu_near0) with a
+    polynomial R (GELU_NEAR_POLYNOMIALS[dtype]), as the GPU computes it."""
+    p = horner32(polynomial, x * x)
     return x * fma32(x, p, torch.full_like(x, 0.5))
 
 
@@ -425,7 +425,7 @@ def _gelu_agrees(table: torch.Tensor) -> bool:
     GPU's eager may be built with another CUDA, whose erff differs)."""
     x = every_value(table.dtype).float()
     near = x.abs() < GELU_NEAR
-    mine = gelu_near0(x[near], table.dtype).to(table.dtype).view(torch.int16)
+    mine = gelu_near0(x[near], GELU_NEAR_POLYNOMIALS[table.dtype]).to(table.dtype).view(torch.int16)
     return torch.equal(mine, table[near].view(torch.int16))
 
 
