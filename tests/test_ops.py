@@ -229,6 +229,24 @@ def test_max_and_min_of_signed_zeros(dtype, device, name):
     assert_same_bits(run_registered(fn, a, b)[0], fn(a, b), name)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int64, torch.bool],
+                         ids=_dtype_id)
+def test_integer_to_a_negative_integer_power_is_eagers_error(dtype, device):
+    """pow of an integer or bool tensor by a negative integer number raises eager's
+    RuntimeError (a random program's find: ours computed it, seed 965,370); by a negative
+    float, a 0-d integer tensor or 0 it computes as eager."""
+    x = torch.tensor([2, 3, 0, 1], dtype=dtype, device=device)
+    for exponent in (-1, -2):  # through torch.compile: its fake tensors let the call through
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda a, e=exponent: torch.pow(a * a, e), backend="torchfuse")
+        with pytest.raises(RuntimeError, match="negative integer powers"):
+            compiled(x)
+        assert_matches_eager(lambda a, e=exponent: torch.pow(a * a, e), x)
+    for exponent in (-1.0, 0, 2):
+        assert_matches_eager(lambda a, e=exponent: torch.pow(a, e) * 2, x)
+    assert_matches_eager(lambda a, e: torch.pow(a, e) * 2, x, torch.tensor(-1, device=device))
+
+
 def test_float_hypot_is_eagers_bit_for_bit(device):
     """float32 hypot is correctly rounded on both devices, as eager's is (the CPU's SLEEF within
     0.5001 ulp and the C library's; CUDA's libdevice): libmvec's hypotf differed in 8 % of these

@@ -125,9 +125,10 @@ class OpDef:
     """The function of MKL's VML (Vector Math Library) that eager's CPU kernel calls for this
     op on float32/float64 tensors (``Exp`` for vmsExp/vmdExp), where torch is built with MKL:
     a CPU kernel passes it a block of elements and gets eager's bits (codegen.c)."""
-    check_dtypes: Callable[[Sequence[torch.dtype | None]], str | None] | None = None
-    """operand dtypes -> why eager refuses them, or None. Fake tensors let such calls through
-    (sub of a bool, pow of bools): they must stay eager's, to raise eager's error."""
+    refuses: Callable[[Sequence[Any]], str | None] | None = None
+    """operands (tensors, maybe fake, or numbers) -> why eager refuses them, or None. Fake
+    tensors let such calls through (sub of a bool, pow of bools, an integer to a negative
+    power): they must stay eager's, to raise eager's error."""
     pair: str | Render | None = None
     """CUDA, float16/bfloat16 computed as such: the op on two elements packed in one 32-bit word
     (``{t}`` is ``h`` or ``bf``), giving eager's bits. Add, sub, mul: their float result of two
@@ -544,17 +545,26 @@ def _check_round(attrs: dict) -> str | None:
     return None if attrs.get("decimals", 0) == 0 else "round with decimals"
 
 
-def _any_bool(dtypes: Sequence[torch.dtype | None]) -> str | None:
-    return "a bool" if torch.bool in dtypes else None
+def _any_bool(operands: Sequence[Any]) -> str | None:
+    return "a bool" if torch.bool in map(_dtype_of, operands) else None
 
 
-def _all_bool(dtypes: Sequence[torch.dtype | None]) -> str | None:
-    return "bools" if all(d is torch.bool for d in dtypes) else None
+def _pow_refused(operands: Sequence[Any]) -> str | None:
+    """pow of bools; of an integer or bool tensor by a negative integer number (eager's "Integers
+    to negative integer powers are not allowed", a random program's find, seed 965,370)."""
+    base, exponent = operands
+    if all(_dtype_of(v) is torch.bool for v in operands):
+        return "bools"
+    if (isinstance(base, torch.Tensor) and not base.dtype.is_floating_point
+            and isinstance(exponent, int) and exponent < 0):
+        return "an integer to a negative integer power"
+    return None
 
 
-def _integer_division(dtypes: Sequence[torch.dtype | None]) -> str | None:
+def _integer_division(operands: Sequence[Any]) -> str | None:
     """addcdiv's tensor1 / tensor2 of integers or bools: eager's RuntimeError."""
-    integral = [d is not None and not d.is_floating_point for d in dtypes[1:3]]
+    dtypes = [_dtype_of(v) for v in operands[1:3]]
+    integral = [d is not None and not d.is_floating_point for d in dtypes]
     return "integers (integer division)" if all(integral) else None
 
 
@@ -658,9 +668,9 @@ OPS: tuple[OpDef, ...] = (
     # CPU also rounds add's alpha)
     OpDef("add", ("add",), **_axpy("+"), narrow=(0, 1, 2), cuda={"narrow": ()}),
     OpDef("sub", ("sub",), **_axpy("-"), narrow=(0, 1, 2), cuda={"narrow": ()},
-          check_dtypes=_any_bool),
+          refuses=_any_bool),
     OpDef("rsub", ("rsub",), **_axpy("-", swap=True), narrow=(0, 1, 2), cuda={"narrow": ()},
-          check_dtypes=_any_bool),
+          refuses=_any_bool),
     OpDef("mul", ("mul",), f=lambda ctx, a, b: f"{a} * {_scalar(ctx, b)}", i=_WRAP_MUL,
           b="{a} && {b}", pair="tf_{t}mul2({a}, {b})", narrow=(0,), cuda={"narrow": ()}),
     OpDef("div", ("div",), f=_div("f"), i=_div("i"), check=_check_div, cuda={"f": _div_cuda},
@@ -672,7 +682,7 @@ OPS: tuple[OpDef, ...] = (
     OpDef("fmod", ("fmod",), f="fmod{f}({a}, {b})", i="tf_fmod_{t}({a}, {b}, &err)",
           narrow=(0, 1)),
     OpDef("pow", ("pow",), f=_pow_f, i="tf_pow_{t}({a}, {b})", narrow=(0, 1),
-          check_dtypes=_all_bool),
+          refuses=_pow_refused),
     OpDef("maximum", ("maximum",), f="tf_max{f}({a}, {b})", i="TF_MAX({a}, {b})",
           b="{a} || {b}"),
     OpDef("minimum", ("minimum",), f="tf_min{f}({a}, {b})", i="TF_MIN({a}, {b})",
@@ -697,7 +707,7 @@ OPS: tuple[OpDef, ...] = (
     OpDef("addcmul", ("addcmul",), f="fma{f}({d} * {b}, {c}, {a})",  # the CPU's vector code
           i="({T})(({U}){a} + ({U}){d} * ({U}){b} * ({U}){c})",
           cuda={"f": "fma{f}({d}, {b} * {c}, {a})"}),  # a + value * (b * c), contracted
-    OpDef("addcdiv", ("addcdiv",), f="{a} + {d} * {b} / {c}", check_dtypes=_integer_division,
+    OpDef("addcdiv", ("addcdiv",), f="{a} + {d} * {b} / {c}", refuses=_integer_division,
           cuda={"f": "fma{f}({d}, {b} / {c}, {a})"}),
     # comparisons and logic
     _cmp("eq", "=="), _cmp("ne", "!="), _cmp("lt", "<"), _cmp("le", "<="), _cmp("gt", ">"),
@@ -846,7 +856,7 @@ def select(target: Any, attrs: dict, operands: Sequence[Any], out: torch.dtype,
     if reason:
         raise Unsupported(reason)
     op = lookup(target)
-    reason = op.check_dtypes and op.check_dtypes([_dtype_of(v) for v in operands])
+    reason = op.refuses and op.refuses(operands)
     if reason:
         raise Unsupported(f"eager refuses {op.name} of {reason}")
     modes = op.compute if isinstance(op.compute, tuple) else (op.compute,) * len(operands)
