@@ -418,11 +418,11 @@ class CUDARenderer(CStyleRenderer):
                   f"// vector elements: {kernel.width}\n"
                   f"// waits for the kernel before: {' '.join(kernel.waiting) or '-'}")
         pairs = PAIRS if re.search(r"\btf_(h|bf)\w+2\(", code) else ""
-        gelus = [t for t in HALVES.values() if f"tf_{t}gelu2(" in code]
+        gelus = [(dtype, t) for dtype, t in HALVES.items() if f"tf_{t}gelu2(" in code]
         if gelus:
             pairs += GELU_PAIRS + "".join(
                 _gelu_near0(t, dtype) + f"\nTF_GELU_PAIR({t}, {ops.GELU_TABLE.format(t=t)})"
-                for dtype, t in HALVES.items() if t in gelus)
+                for dtype, t in gelus)
         return "\n".join([header, self.preamble, helpers_for(code + pairs), pairs, "", code,
                           *kernel.assembly(), ""])
 
