@@ -1045,8 +1045,8 @@ def test_eager_tables_agree_with_the_pair_forms_here(cuda_fusion, name):
     assert not isinstance(eager, FakeTensor)
     assert table.agrees(eager.cpu())
     x = ops.every_value(table.dtype).float()  # the model the pair form's polynomial fits:
-    near = x.abs() < ops.GELU_NEAR
-    assert_same_bits(ops.eager_gelu_near0(x[near]).to(table.dtype), eager.cpu()[near])
+    modelled = ops.erff_near(x)
+    assert_same_bits(ops.eager_gelu_near0(x[modelled]).to(table.dtype), eager.cpu()[modelled])
     assert pays == (backend._memory_scale(key) == 2)
 
 
@@ -1074,17 +1074,22 @@ def test_fma32_rounds_once():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gelu_near0_is_a_gelu_and_checks_tables(dtype):
-    """ops.gelu_near0, the pair form's arithmetic near 0, is the GELU (float64's within 1e-6
-    |x|) and rounds as CUDA eager's arithmetic (ops.eager_gelu_near0) for every 16-bit input it
-    serves; a table that differs from it in one result it would compute is refused."""
+    """ops.gelu_near0, the pair form's arithmetic near 0, is the GELU (float64's within an
+    eighth of the dtype's epsilon, relative) and rounds as CUDA eager's arithmetic
+    (ops.eager_gelu_near0) for every 16-bit input it serves where that models eager (the rest
+    only a GPU's eager checks: the test above); a table that differs from it in one result it
+    would compute is refused."""
     every = ops.every_value(dtype)
     x = every.float()
     near = x.abs() < ops.GELU_NEAR
     polynomial = ops.GELU_NEAR_POLYNOMIALS[dtype]
     mine = ops.gelu_near0(x[near], polynomial)
     want = x[near].double() * 0.5 * (1 + torch.special.erf(x[near].double() / math.sqrt(2)))
-    assert ((mine.double() - want).abs() <= 1e-6 * x[near].double().abs() + 2.0**-149).all()
-    assert_same_bits(mine.to(dtype), ops.eager_gelu_near0(x[near]).to(dtype))
+    tolerance = torch.finfo(dtype).eps / 8 * x[near].double().abs() + 2.0**-149
+    assert ((mine.double() - want).abs() <= tolerance).all()
+    modelled = ops.erff_near(x[near])
+    assert 0 < (~modelled).sum() < 200
+    assert_same_bits(mine[modelled].to(dtype), ops.eager_gelu_near0(x[near][modelled]).to(dtype))
     table = torch.where(near, ops.gelu_near0(x, polynomial).to(dtype), every.flip(0))
     assert ops.TABLES[ops.GELU_TABLE.format(t=HALVES[dtype])].agrees(table)
     table.view(torch.int16)[near.nonzero()[1000]] += 1

@@ -364,16 +364,22 @@ def _gelu_pair(ctx: Ctx, a: Operand) -> str | None:
 # CUDA's erff for |a| < 1.00376 (0x3F807B28), as NVRTC 13.5 writes it in PTX: a polynomial in
 # a * a, Horner's fmas from the highest coefficient (float bits), then fma(p, a, a).
 ERFF_NEAR = (0x388D8E09, 0xBA487A7D, 0x3BA886C1, 0xBCDBC4CF, 0x3DE712BB, 0xBEC09388, 0x3E0375D4)
-GELU_NEAR = 1.4140625  # x / sqrt(2) < 0.99992: erff's near polynomial serves eager's GELU
+ERFF_NEAR_END = 0x3F807B28  # erff(a) takes that polynomial while |a| < this float's value
+GELU_NEAR = 1.5
 # The pair form's GELU for |x| < GELU_NEAR: x * fma(x, R(x * x), 0.5), R(t) a polynomial
 # (Horner's fmas from the highest coefficient, float bits) for 0.5 * erf(sqrt(t / 2)) / sqrt(t),
 # for each dtype of the lowest degree whose every result there rounds as eager's
-# (bench/fit_gelu_near.py: 8 instructions an element for float16, 7 for bfloat16, against 11
-# for eager's erff polynomial and its scaling; H200, bias + GELU + scale over bfloat16 rows,
-# 1.09 -> 1.05x the copy floor).
+# (bench/fit_gelu_near.py: 8 instructions an element for float16, 6 for bfloat16, against 11
+# for eager's erff polynomial and its scaling). Past |x| = 1.4195 eager's erff takes its other
+# branch, an exp2 by the GPU's ex2.approx, which no CPU model reproduces: there the polynomials
+# match the H200's own eager results, and each GPU checks them against its eager (Table.agrees).
+# H200, bias + GELU + scale over rows, x the copy of as many bytes: float16 degree 5 to
+# 1.4140625 1.074 -> to 1.5 1.067 (a thirteenth fewer table reads), bfloat16 degree 4 to
+# 1.4140625 1.049 -> degree 3 to 1.5 1.037; degree 4 for float16 to 1.25 (more table reads):
+# 1.092; degree 6 for float16 to 1.75 / 1.875: 1.068 / 1.074; degree 4 for bfloat16 to 2.0: 1.043.
 GELU_NEAR_POLYNOMIALS = {
-    torch.float16: (0xB6CC1E38, 0x38E24584, 0xBA9A8667, 0x3C2354FB, 0xBD882B8F, 0x3ECC4227),
-    torch.bfloat16: (0x389DBB54, 0xBA92389D, 0x3C22767D, 0xBD882246, 0x3ECC41F3),
+    torch.float16: (0xB6C17941, 0x38DED41D, 0xBA9A207D, 0x3C234AE2, 0xBD882B20, 0x3ECC4222),
+    torch.bfloat16: (0xBA5D4BE7, 0x3C1DF102, 0xBD87F5C1, 0x3ECC417C),
 }
 
 
@@ -399,11 +405,22 @@ def horner32(coefficients: Sequence[int], t: torch.Tensor) -> torch.Tensor:
     return p
 
 
+def _erff_arguments(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.tensor(0.70710678118654752440, dtype=torch.float32)
+
+
+def erff_near(x: torch.Tensor) -> torch.Tensor:
+    """Where eager's erf GELU of float32 values x takes erff's near polynomial (eager_gelu_near0's
+    domain: |x| < 1.4195)."""
+    return _erff_arguments(x).abs() < torch.tensor(ERFF_NEAR_END, dtype=torch.int32).view(
+        torch.float32)
+
+
 def eager_gelu_near0(x: torch.Tensor) -> torch.Tensor:
-    """CUDA eager's erf GELU of float32 values near 0 (|x| < GELU_NEAR) as the GPU computes
-    it: x * 0.5 * (1 + erff(x * M_SQRT1_2)) with erff's near polynomial, written as x *
-    fma(0.5, erff, 0.5) (the same bits). What the pair forms' polynomials are fitted against."""
-    a = x * torch.tensor(0.70710678118654752440, dtype=torch.float32)
+    """CUDA eager's erf GELU of float32 values where erff_near, as the GPU computes it: x * 0.5
+    * (1 + erff(x * M_SQRT1_2)) with erff's near polynomial, written as x * fma(0.5, erff, 0.5)
+    (the same bits). What the pair forms' polynomials are fitted against there."""
+    a = _erff_arguments(x)
     half = torch.full_like(x, 0.5)
     return x * fma32(half, fma32(horner32(ERFF_NEAR, a * a), a, a), half)
 

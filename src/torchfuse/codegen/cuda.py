@@ -218,9 +218,9 @@ HALVES = {torch.float16: "h", torch.bfloat16: "bf"}  # the pair helpers' infix: 
 # and, past it, an exp of another, each with its coefficients picked per element: about 20
 # instructions of an element's 30 in a 16-bit bias + GELU + scale, which an H200 must issue
 # faster than its memory moves the element (1.25x the copy floor, bench/RESULTS.md session 14).
-# Here |x| < ops.GELU_NEAR computes a polynomial of the dtype's own, tf_hgelu_near0 (ops.py's
-# gelu_near0: x * fma(x, R(x * x), 0.5), of the lowest degree whose every result rounds as
-# eager's there: 8 instructions an element for float16, 7 for bfloat16, where eager's erff
+# Here |x| < ops.GELU_NEAR (1.5) computes a polynomial of the dtype's own, tf_hgelu_near0
+# (ops.py's gelu_near0: x * fma(x, R(x * x), 0.5), of the lowest degree whose every result rounds
+# as eager's there: 8 instructions an element for float16, 6 for bfloat16, where eager's erff
 # polynomial and its scaling take 11); every other input, specials too, reads eager's own result
 # from a table of all 65,536 (ops.TABLES: devices/cuda fills it when it loads the kernel),
 # through L1 with a load only where needed (the low half's index by a byte permute: NVRTC's
