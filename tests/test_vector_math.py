@@ -311,6 +311,17 @@ def test_tanh_saturates_as_eagers():
         assert_same_bits(run_fused(gelu, every), gelu(every), "float16 tanh GELU")
 
 
+def test_expm1_saturates_as_eagers():
+    """Eager's CPU expm1 is SLEEF's: exactly -1 below ln(2**-24) (ln(2**-53) in double), where
+    libmvec's, correctly rounded, still gives -1 + 2**-24 down to ln(2**-25): ours is -1 there
+    too, so a pow of it by itself is eager's -1, not NaN (a random program's find: expm1 of an
+    int8 -17, seed 1,215,556)."""
+    for dtype, lo, hi in ((torch.float32, -17.4, -16.64), (torch.float64, -37.5, -36.74)):
+        x = torch.linspace(lo, hi, 4096, dtype=dtype)
+        for fn in (torch.expm1, lambda t: torch.pow(torch.expm1(t), torch.expm1(t))):
+            assert_same_bits(run_fused(fn, x), fn(x), f"{dtype} expm1")
+
+
 def test_threads_start_sooner_for_math_calls_and_16_bit_roundings():
     limit = torchfuse.config.parallel_threshold
     assert c_codegen.parallel_threshold(["float v2 = v0 * v1;"]) == limit

@@ -636,8 +636,8 @@ OPS: tuple[OpDef, ...] = (
                                  ("log", "Ln"), ("log10", "Log10"), ("log2", "Log2"),
                                  ("sin", "Sin"), ("sqrt", "Sqrt"), ("tan", "Tan"),
                                  ("tanh", "Tanh"))),
-    *(_fn(n) for n in ("acosh", "asinh", "atanh", "cosh", "expm1", "lgamma", "log1p", "sinh",
-                       "exp2")),
+    *(_fn(n) for n in ("acosh", "asinh", "atanh", "cosh", "lgamma", "log1p", "sinh", "exp2")),
+    _fn("expm1", "expm1{f}(tf_sleef_expm1_arg{f}({a}))", cuda={"f": "expm1{f}({a})"}),
     # CUDA eager calls CUDA's rsqrt (rsqrt.approx for float: not 1 / sqrt's correct rounding)
     _fn("rsqrt", "1 / sqrt{f}({a})", cuda={"f": "rsqrt{f}({a})"}),
     _fn("reciprocal", "1 / {a}"),

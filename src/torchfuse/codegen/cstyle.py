@@ -102,6 +102,17 @@ TF_FN float tf_sleef_tanh_argf(float y) {
 TF_FN double tf_sleef_tanh_arg(double y) {
   return fabs(y) > 18.714973875 ? copysign(40.0, y) : y;
 }"""),
+    (("tf_sleef_expm1_arg",), r"""
+/* The argument that makes the C library's expm1 give -1 where eager's vectorised CPU kernel
+   (SLEEF's expm1, within 1 ulp) does: below ln(2**-24) (ln(2**-53) in double), where the
+   correctly rounded result is still -1 + 2**-24 down to ln(2**-25): x itself, or -20 (-40),
+   whose expm1 is -1 in every library. */
+TF_FN float tf_sleef_expm1_argf(float x) {
+  return x < -16.635532333438687426013570f ? -20.0f : x;
+}
+TF_FN double tf_sleef_expm1_arg(double x) {
+  return x < -36.736800569677101399113302437 ? -40.0 : x;
+}"""),
     (("tf_f2i32", "tf_f2i64"), r"""
 /* float -> integer as x86 converts (out of range and NaN give the minimum), without UB */
 TF_FN int32_t tf_f2i32(double x) {
