@@ -374,7 +374,7 @@ GELU_NEAR = 1.5
 # branch, an exp2 by the GPU's ex2.approx, which no CPU model reproduces: there the polynomials
 # match the H200's own eager results, and each GPU checks them against its eager (Table.agrees).
 # H200, bias + GELU + scale over rows, x the copy of as many bytes: float16 degree 5 to
-# 1.4140625 1.074 -> to 1.5 1.067 (a thirteenth fewer table reads), bfloat16 degree 4 to
+# 1.4140625 1.074 -> to 1.5 1.067 (a tenth fewer table reads), bfloat16 degree 4 to
 # 1.4140625 1.049 -> degree 3 to 1.5 1.037; degree 4 for float16 to 1.25 (more table reads):
 # 1.092; degree 6 for float16 to 1.75 / 1.875: 1.068 / 1.074; degree 4 for bfloat16 to 2.0: 1.043.
 GELU_NEAR_POLYNOMIALS = {
