@@ -113,6 +113,22 @@ TF_FN float tf_sleef_expm1_argf(float x) {
 TF_FN double tf_sleef_expm1_arg(double x) {
   return x < -36.736800569677101399113302437 ? -40.0 : x;
 }"""),
+    (("tf_hypot",), r"""
+/* hypot(x, y) in double, correctly rounded in all but rare cases as eager's is (SLEEF's, within
+   0.5001 ulp; libmvec's, within 1 ulp, differed in 10 % of random pairs): the square root of
+   fma(a, a, b * b), corrected by the exact residual of its square (Borges, "An improved
+   algorithm for hypot(a, b)", 2019), the operands scaled by a power of two into a range where
+   neither square overflows nor underflows. An infinity wins over NaN. */
+TF_FN double tf_hypot(double x, double y) {
+  const double ax = fabs(x), ay = fabs(y);
+  const double hi = ax > ay ? ax : ay, lo = ax > ay ? ay : ax;  /* NaN: NaN in one of them */
+  const double s = hi > 0x1p500 ? 0x1p-600 : hi < 0x1p-500 ? 0x1p600 : 1.0;
+  const double a = hi * s, b = lo * s;
+  const double h = sqrt(fma(a, a, b * b)), h2 = h * h, a2 = a * a;
+  const double delta = (fma(-b, b, h2 - a2) + fma(h, h, -h2)) - fma(a, a, -a2);
+  const double r = h > 0 ? (h - delta / (2 * h)) / s : h / s;
+  return isinf(x) || isinf(y) ? INFINITY : r;
+}"""),
     (("tf_f2i32", "tf_f2i64"), r"""
 /* float -> integer as x86 converts (out of range and NaN give the minimum), without UB */
 TF_FN int32_t tf_f2i32(double x) {
