@@ -311,6 +311,18 @@ def test_tanh_saturates_as_eagers():
         assert_same_bits(run_fused(gelu, every), gelu(every), "float16 tanh GELU")
 
 
+def test_mish_of_the_least_subnormal_softplus_is_zero_as_eagers():
+    """Eager's vector loops' mish is -0 where log1p(exp(x)) is the least subnormal (SLEEF's
+    tanh of it is 0): x < -102.874 in float, x < -744.03 in double; so a pow of it by x is +inf
+    as eager's, not NaN (a random program's find: pow(mish(x), x), seed 1,301,634)."""
+    mish = torch.nn.functional.mish
+    for dtype, lo, hi in ((torch.float32, -105.0, -100.0), (torch.float64, -746.0, -742.0)):
+        x = torch.linspace(lo, hi, 4096, dtype=dtype)
+        assert torch.equal(run_fused(mish, x) == 0, mish(x) == 0)
+        fn = lambda t: torch.pow(mish(t), t)  # noqa: E731
+        torch.testing.assert_close(run_fused(fn, x), fn(x), equal_nan=True)
+
+
 def test_expm1_saturates_as_eagers():
     """Eager's CPU expm1 is SLEEF's: exactly -1 below ln(2**-24) (ln(2**-53) in double), where
     libmvec's, correctly rounded, still gives -1 + 2**-24 down to ln(2**-25): ours is -1 there

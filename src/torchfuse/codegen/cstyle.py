@@ -93,14 +93,17 @@ TF_DIV_FLOOR_ROUNDED(bf16, tf_round_bf16)"""),
     (("tf_sleef_tanh_arg",), r"""
 /* The argument that makes the C library's tanh saturate where eager's vectorised CPU kernels of
    the tanh GELU and mish do (ATen's Vectorized tanh, SLEEF's: exactly +-1 past its bound, where
-   libmvec's tanhf still gives 1 - 2**-24 up to |y| ~ 10): y itself, or +-20 (+-40 in double),
-   whose tanh is +-1 in every library. The call stays unconditional: a select of its result
+   libmvec's tanhf still gives 1 - 2**-24 up to |y| ~ 10; and 0 for the least subnormal, where
+   eager's vector loops' mish of x < -102.874 is -0): y itself, +-20 (+-40 in double), whose
+   tanh is +-1 in every library, or +-0. The call stays unconditional: a select of its result
    made gcc call the scalar tanh in each lane. */
 TF_FN float tf_sleef_tanh_argf(float y) {
-  return fabsf(y) > 8.664339742f ? copysignf(20.0f, y) : y;
+  const float a = fabsf(y);
+  return a > 8.664339742f ? copysignf(20.0f, y) : a < 0x1p-148f ? copysignf(0.0f, y) : y;
 }
 TF_FN double tf_sleef_tanh_arg(double y) {
-  return fabs(y) > 18.714973875 ? copysign(40.0, y) : y;
+  const double a = fabs(y);
+  return a > 18.714973875 ? copysign(40.0, y) : a < 0x1p-1073 ? copysign(0.0, y) : y;
 }"""),
     (("tf_sleef_expm1_arg",), r"""
 /* The argument that makes the C library's expm1 give -1 where eager's vectorised CPU kernel
