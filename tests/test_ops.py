@@ -247,34 +247,31 @@ def test_integer_to_a_negative_integer_power_is_eagers_error(dtype, device):
     assert_matches_eager(lambda a, e: torch.pow(a, e) * 2, x, torch.tensor(-1, device=device))
 
 
-def test_float_hypot_is_eagers_bit_for_bit(device):
-    """float32 hypot is correctly rounded on both devices, as eager's is (the CPU's SLEEF within
-    0.5001 ulp and the C library's; CUDA's libdevice): libmvec's hypotf differed in 8 % of these
-    pairs (a random program's find: sin(hypot(x * x, x)), seed 714,490). Magnitudes over 160
-    binades, each special against each."""
-    gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(1 << 16, generator=gen)
-            * torch.exp2(torch.randint(-80, 80, (1 << 16,), generator=gen).float())
-            for _ in range(2))
-    specials = torch.tensor([math.inf, -math.inf, math.nan, 0.0, -0.0, 3e38, 1e-45, 1.0])
-    a = torch.cat([a, specials.repeat_interleave(len(specials))]).to(device)
-    b = torch.cat([b, specials.repeat(len(specials))]).to(device)
-    assert_same_bits(run_registered(torch.hypot, a, b)[0], torch.hypot(a, b))
+# dtype -> (binade ranges of the random magnitudes, specials)
+_HYPOT_CASES = {
+    torch.float32: ([(-80, 80, 1 << 16)],
+                    [math.inf, -math.inf, math.nan, 0.0, -0.0, 3e38, 1e-45, 1.0]),
+    torch.float64: ([(-600, 600, 1 << 15), (480, 540, 1 << 14), (-540, -480, 1 << 14)],
+                    [math.inf, -math.inf, math.nan, 0.0, -0.0, 1.7e308, 2.0**-1074, 2.0**-1022,
+                     1.0, 2.0**500, 2.0**-500]),
+}
 
 
-def test_double_hypot_is_eagers_bit_for_bit(device):
-    """float64 hypot too (the CPU's: libmvec's hypot, within 1 ulp, differed in 0.6-6 % of these
-    pairs; ours corrects the square root by its exact residual, codegen/cstyle's tf_hypot), over
-    1200 binades, next to overflow and underflow of the squares, each special against each.
-    Results below 2**-1022 (subnormal) neither eager's nor ours always rounds correctly."""
+@pytest.mark.parametrize("dtype", list(_HYPOT_CASES), ids=_dtype_id)
+def test_hypot_is_eagers_bit_for_bit(dtype, device):
+    """hypot is correctly rounded on both devices, as eager's is (the CPU's SLEEF within 0.5001
+    ulp and the C library's; CUDA's libdevice). The CPU's libmvec differed: hypotf in 8 % of
+    the float32 pairs (a random program's find: sin(hypot(x * x, x)), seed 714,490), hypot in
+    0.6-6 % of the float64 ones (ours corrects the square root by its exact residual,
+    codegen/cstyle's tf_hypot). Magnitudes over 160 (float64: 1200) binades, float64's also next
+    to overflow and underflow of the squares, each special against each. float64 results below
+    2**-1022 (subnormal) neither eager's nor ours always rounds correctly: not among these."""
+    ranges, specials = _HYPOT_CASES[dtype]
     gen = torch.Generator().manual_seed(0)
-    exponents = torch.cat([torch.randint(-600, 600, (1 << 15,), generator=gen),
-                           torch.randint(480, 540, (1 << 14,), generator=gen),
-                           torch.randint(-540, -480, (1 << 14,), generator=gen)]).double()
-    a, b = (torch.randn(len(exponents), dtype=torch.float64, generator=gen) * torch.exp2(exponents)
-            for _ in range(2))
-    specials = torch.tensor([math.inf, -math.inf, math.nan, 0.0, -0.0, 1.7e308, 2.0**-1074,
-                             2.0**-1022, 1.0, 2.0**500, 2.0**-500], dtype=torch.float64)
+    exponents = torch.cat([torch.randint(lo, hi, (n,), generator=gen) for lo, hi, n in ranges])
+    a, b = (torch.randn(len(exponents), dtype=dtype, generator=gen)
+            * torch.exp2(exponents.to(dtype)) for _ in range(2))
+    specials = torch.tensor(specials, dtype=dtype)
     a = torch.cat([a, specials.repeat_interleave(len(specials))]).to(device)
     b = torch.cat([b, specials.repeat(len(specials))]).to(device)
     assert_same_bits(run_registered(torch.hypot, a, b)[0], torch.hypot(a, b))

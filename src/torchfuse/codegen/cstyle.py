@@ -129,7 +129,7 @@ TF_FN double tf_hypot(double x, double y) {
   const double a = hi * s, b = lo * s;
   const double h = sqrt(fma(a, a, b * b)), h2 = h * h, a2 = a * a;
   const double delta = (fma(-b, b, h2 - a2) + fma(h, h, -h2)) - fma(a, a, -a2);
-  const double r = h > 0 ? (h - delta / (2 * h)) / s : h / s;
+  const double r = h > 0 ? (h - delta / (2 * h)) / s : h;  /* 0 or NaN as they are */
   return isinf(x) || isinf(y) ? INFINITY : r;
 }"""),
     (("tf_f2i32", "tf_f2i64"), r"""
