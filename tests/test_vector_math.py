@@ -1,6 +1,7 @@
-"""The CPU kernels' vector math (glibc's libmvec; eager's VML where torch has MKL, for the ops
-eager's kernels pass to it): accurate against float64, and the special values (NaN, ±Inf,
-signed zeros, out-of-domain inputs) exactly as eager gives them.
+"""The CPU kernels' vector math (eager's SLEEF where torch's AVX2/AVX512 kernels call it, else
+glibc's libmvec; eager's VML where torch has MKL, for the ops eager's kernels pass to it):
+accurate against float64, eager's bits where eager's functions are called, and the special
+values (NaN, ±Inf, signed zeros, out-of-domain inputs) exactly as eager gives them.
 
 Inputs are long enough that the vectorised loop, not only its scalar tail, computes them.
 """
@@ -82,35 +83,46 @@ def assert_accurate(got: torch.Tensor, reference: torch.Tensor, eager: torch.Ten
     assert worst <= 1.0, f"error {worst * bound:.1f} ulp > {bound} ulp"
 
 
-def run_fused(fn, *args, vml: bool = True) -> torch.Tensor:
-    """``fn`` through a kernel built now (with eager's VML functions where ``vml``)."""
+SLEEF = pytest.mark.skipif(cpu_backend.sleef_functions() is None,
+                           reason="eager's kernels here do not call SLEEF (not AVX2/AVX512)")
+
+
+def run_fused(fn, *args, vml: bool = True, sleef: bool = True) -> torch.Tensor:
+    """``fn`` through a kernel built now (with eager's VML functions where ``vml``, SLEEF's
+    where ``sleef``)."""
     before = cache.STATS.fallbacks
     key = torchfuse.register_fusion(trace(fn, *args))
     cache.SPECS[key].kernels.clear()
-    with torchfuse.config.override(vml=vml):
+    with torchfuse.config.override(vml=vml, sleef=sleef):
         (out,) = torchfuse.run_fusion(key, *args)
     assert cache.STATS.fallbacks == before, "ran through the fallback, not a kernel"
     return out
 
 
-@pytest.mark.parametrize("vml", [True, False], ids=["vml", "libmvec"])
+MATH = {"vml": {}, "sleef": {"vml": False}, "libmvec": {"vml": False, "sleef": False}}
+
+
+@pytest.mark.parametrize("math_", sorted(MATH))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", sorted(UNARY))
-def test_unary_accuracy(name, dtype, vml):
+def test_unary_accuracy(name, dtype, math_):
+    if (name, dtype, math_) == ("erf", torch.float32, "sleef"):
+        pytest.skip("ATen's own erf (Abramowitz and Stegun's, to 1.5e-7): test_sleef_...")
     fn = getattr(torch, name)
     x = inputs(*UNARY[name], dtype)
-    got = run_fused(fn, x, vml=vml)
+    got = run_fused(fn, x, **MATH[math_])
     assert_accurate(got, fn(x.double()), fn(x))
 
 
+@pytest.mark.parametrize("math_", ["sleef", "libmvec"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", sorted(BINARY))
-def test_binary_accuracy(name, dtype):
+def test_binary_accuracy(name, dtype, math_):
     fn = BINARY[name]
     x, y = inputs(-50.0, 50.0, dtype, seed=1), inputs(-50.0, 50.0, dtype, seed=2)
     if name == "pow":
         x = x.abs()  # the interesting range: negative bases give NaN (or ±) on both sides
-    got = run_fused(fn, x, y)
+    got = run_fused(fn, x, y, **MATH[math_])
     assert_accurate(got, fn(x.double(), y.double()), fn(x, y))
 
 
@@ -281,49 +293,94 @@ def test_float16_conversions_are_eagers_for_every_value():
         assert_same_bits(run_fused(fn, x), fn(x), "rounded")
 
 
-def test_composite_activations_accurate():
+F = torch.nn.functional
+# What eager's vectorised CPU kernels compute with SLEEF's functions (ATen's Vectorized), and
+# where (the log1p's and log's domains).
+SLEEF_OPS = {
+    "sigmoid": torch.sigmoid, "silu": F.silu, "mish": F.mish, "softplus": F.softplus,
+    "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "elu": F.elu,
+    "logaddexp": lambda t: torch.logaddexp(t, t * 0.75 - 0.5),
+    "pow": lambda t: torch.pow(t.abs(), t * 0.75 - 0.5), "pow_2_7": lambda t: t.abs() ** 2.7,
+    "atan2": lambda t: torch.atan2(t, t * 0.75 - 0.5), "atanh": lambda t: torch.atanh(t / 8),
+    **{name: getattr(torch, name) for name in (
+        "exp", "expm1", "exp2", "log", "log1p", "log2", "log10", "sin", "cos", "tan", "sinh",
+        "cosh", "tanh", "asin", "acos", "atan", "erf", "erfc", "lgamma")},
+}
+
+
+@SLEEF
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(SLEEF_OPS))
+def test_sleef_ops_are_cpu_eagers_bits(name, dtype):
+    """Where eager's CPU kernels are the AVX2/AVX512 ones, the composite activations and every
+    math function of a float16/bfloat16 tensor (and those of float32/float64 eager does not pass
+    to VML) are eager's bits: the same SLEEF functions, float erf ATen's own (the GELU's, with
+    oneDNN off), the tanh GELU's fma where gcc contracts eager's. (Contiguous, of whole vectors:
+    eager's scalar tail calls the C library's functions.)"""
+    fn = SLEEF_OPS[name]
+    x = (torch.randn(4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4)
+    x[:8] = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1.0, -1.0, 1e-40])
+    x = x.to(dtype)
+    if name in ("log", "log2", "log10", "log1p"):
+        x = x.abs() - float(name == "log1p")
+    with torch.backends.mkldnn.flags(enabled=False):  # eager's own GELU, not oneDNN's
+        assert_same_bits(run_fused(fn, x), fn(x), f"{name} {dtype}")
+
+
+@SLEEF
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sleef_ops_are_cpu_eagers_bits_on_every_16_bit_value(dtype):
+    every = ops.every_value(dtype)
+    with torch.backends.mkldnn.flags(enabled=False):
+        for name in ("sigmoid", "silu", "gelu", "gelu_tanh", "mish", "exp", "tanh", "erf",
+                     "log1p", "sin"):
+            fn = SLEEF_OPS[name]
+            assert_same_bits(run_fused(fn, every), fn(every), name)
+
+
+@pytest.mark.parametrize("sleef", [True, False], ids=["sleef", "libmvec"])
+def test_composite_activations_accurate(sleef):
     """sigmoid, silu, gelu (erf and tanh forms), mish and softplus go through expf/erff/tanhf."""
     x = inputs(-30.0, 30.0, torch.float32)
     x = x[x.isfinite()]  # eager's own gelu gives NaN or inf for inf, by its vector width
-    for fn in (torch.sigmoid, torch.nn.functional.silu, torch.nn.functional.gelu,
-               lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
-               torch.nn.functional.mish, torch.nn.functional.softplus):
-        got = run_fused(fn, x)
+    for fn in (torch.sigmoid, F.silu, F.gelu, SLEEF_OPS["gelu_tanh"], F.mish, F.softplus):
+        got = run_fused(fn, x, sleef=sleef)
         torch.testing.assert_close(got, fn(x), equal_nan=True)
 
 
-def test_tanh_saturates_as_eagers():
+@pytest.mark.parametrize("sleef", [True, False], ids=["sleef", "libmvec"])
+def test_tanh_saturates_as_eagers(sleef):
     """Eager's CPU tanh GELU and mish take SLEEF's tanh (ATen's Vectorized), exactly ±1 past
     |y| > 8.664339742, where libmvec's tanhf still gives ±(1 - 2**-24) up to |y| ~ 10: there
     1 + tanh is 0 as eager's, so a GELU divided by itself is NaN as eager's (a random program's
     find, seed 105,460), and a float16 tanh GELU is eager's on every input (lengths of whole
     vectors: eager's scalar tail calls the C library's tanh)."""
-    gelu = lambda t: torch.nn.functional.gelu(t, approximate="tanh")  # noqa: E731
+    gelu = SLEEF_OPS["gelu_tanh"]
     x = torch.linspace(5.07, 5.45, 1024)  # 8.67 < |y| < 10.1
     x = torch.cat([-x, x])
     with torch.backends.mkldnn.flags(enabled=False):  # ATen's own kernel, as ours
         for fn in (gelu, lambda t: gelu(t) / gelu(t)):
-            assert_same_bits(run_fused(fn, x), fn(x), "tanh GELU")
+            assert_same_bits(run_fused(fn, x, sleef=sleef), fn(x), "tanh GELU")
         a = torch.linspace(8.7, 10.0, 1024)  # mish: log1p(exp(a)) past the bound
-        assert_same_bits(run_fused(torch.nn.functional.mish, a),
-                         torch.nn.functional.mish(a), "mish")
+        assert_same_bits(run_fused(F.mish, a, sleef=sleef), F.mish(a), "mish")
         every = ops.every_value(torch.float16)
-        assert_same_bits(run_fused(gelu, every), gelu(every), "float16 tanh GELU")
+        assert_same_bits(run_fused(gelu, every, sleef=sleef), gelu(every), "float16 tanh GELU")
 
 
-def test_mish_of_the_least_subnormal_softplus_is_zero_as_eagers():
+@pytest.mark.parametrize("sleef", [True, False], ids=["sleef", "libmvec"])
+def test_mish_of_the_least_subnormal_softplus_is_zero_as_eagers(sleef):
     """Eager's vector loops' mish is -0 where log1p(exp(x)) is the least subnormal (SLEEF's
     tanh of it is 0): x < -102.874 in float, x < -744.03 in double; so a pow of it by x is +inf
     as eager's, not NaN (a random program's find: pow(mish(x), x), seed 1,301,634)."""
-    mish = torch.nn.functional.mish
     for dtype, lo, hi in ((torch.float32, -105.0, -100.0), (torch.float64, -746.0, -742.0)):
         x = torch.linspace(lo, hi, 4096, dtype=dtype)
-        assert torch.equal(run_fused(mish, x) == 0, mish(x) == 0)
-        fn = lambda t: torch.pow(mish(t), t)  # noqa: E731
-        torch.testing.assert_close(run_fused(fn, x), fn(x), equal_nan=True)
+        assert torch.equal(run_fused(F.mish, x, sleef=sleef) == 0, F.mish(x) == 0)
+        fn = lambda t: torch.pow(F.mish(t), t)  # noqa: E731
+        torch.testing.assert_close(run_fused(fn, x, sleef=sleef), fn(x), equal_nan=True)
 
 
-def test_expm1_saturates_as_eagers():
+@pytest.mark.parametrize("sleef", [True, False], ids=["sleef", "libmvec"])
+def test_expm1_saturates_as_eagers(sleef):
     """Eager's CPU expm1 is SLEEF's: exactly -1 below ln(2**-24) (ln(2**-53) in double), where
     libmvec's, correctly rounded, still gives -1 + 2**-24 down to ln(2**-25): ours is -1 there
     too, so a pow of it by itself is eager's -1, not NaN (a random program's find: expm1 of an
@@ -331,13 +388,14 @@ def test_expm1_saturates_as_eagers():
     for dtype, lo, hi in ((torch.float32, -17.4, -16.64), (torch.float64, -37.5, -36.74)):
         x = torch.linspace(lo, hi, 4096, dtype=dtype)
         for fn in (torch.expm1, lambda t: torch.pow(torch.expm1(t), torch.expm1(t))):
-            assert_same_bits(run_fused(fn, x), fn(x), f"{dtype} expm1")
+            assert_same_bits(run_fused(fn, x, sleef=sleef), fn(x), f"{dtype} expm1")
 
 
 def test_threads_start_sooner_for_math_calls_and_16_bit_roundings():
     limit = torchfuse.config.parallel_threshold
     assert c_codegen.parallel_threshold(["float v2 = v0 * v1;"]) == limit
     assert c_codegen.parallel_threshold(["float v1 = expf(v0);"]) == limit // 2
+    assert c_codegen.parallel_threshold(["float v1 = tf_sleef_expf(v0);"]) == limit // 2
     body = ["float v1 = tf_round_f16((float)(v0 * v0));",
             "float v2 = tf_round_bf16((float)((float)tanh((double)(v1))));"]
     assert c_codegen.parallel_threshold(body) == limit // 4
@@ -351,42 +409,73 @@ def test_declarations_only_for_functions_used():
     assert c_codegen.vector_math_declarations("float v = a * b;") == ""
 
 
-def test_vml_off_leaves_every_function_to_libmvec():
+def test_vml_and_sleef_off_leave_every_function_to_libmvec():
     x = torch.randn(64)
-    with torchfuse.config.override(vml=False):
+    with torchfuse.config.override(vml=False, sleef=False):
         source = torchfuse.get_fused_kernel_code(trace(torch.tanh, x), x)
-    assert "tf_vml" not in source and "TF_SIMD float tanhf(float);" in source
+    assert "tf_vml" not in source and "tf_sleef" not in source
+    assert "TF_SIMD float tanhf(float);" in source
+
+
+def _source(fn, t, sleef: bool) -> str:
+    with torchfuse.config.override(sleef=sleef):
+        return torchfuse.get_fused_kernel_code(trace(fn, t), t)
 
 
 def test_kernel_declares_its_math_functions_simd():
     x = torch.randn(64)  # functions eager's kernels do not pass to VML
-    source = torchfuse.get_fused_kernel_code(trace(lambda t: torch.sinh(t) * torch.expm1(t), x), x)
+    fn = lambda t: torch.sinh(t) * torch.expm1(t) + torch.asinh(t)  # noqa: E731
+    source = _source(fn, x, sleef=False)
     assert "TF_SIMD float sinhf(float);" in source
     assert "TF_SIMD float expm1f(float);" in source
+    if cpu_backend.sleef_functions() is not None:
+        source = _source(fn, x, sleef=True)  # asinh stays the C library's (eager's too)
+        assert "TF_SIMD float asinhf(float);" in source
+        assert "TF_SIMD float sinhf(float);" not in source
+        for name in ("tf_sleef_sinhf", "tf_sleef_expm1f"):
+            assert f'simd("notinbranch"), const)) TF_SLEEF_FN float {name}(float);' in source
+            assert f'__asm__("_ZGVeN16v_{name}");' in source
+
+
+def test_sleef_names_and_slots():
+    """Each function's wide and narrow SLEEF functions sit at its slots of the loader's table."""
+    assert len(c_codegen.SLEEF_NAMES) == len(set(c_codegen.SLEEF_NAMES))
+    source = c_codegen.sleef_functions("double y = tf_sleef_atan2(a, b) + tf_aten_erff(x);")
+    for name, call in (("atan2d8_u10", "TF_SLEEF2(tf_f64x8, {})(a, b)"),
+                       ("atan2d4_u10", "TF_SLEEF2(tf_f64x4, {})(a, b)"),
+                       ("expf8_u10", "TF_SLEEF(tf_f32x8, {})(a)")):
+        assert call.format(c_codegen.SLEEF_NAMES.index("Sleef_" + name)) in source
+    assert "tf_aten_erff(float x)" in source and '"_ZGVeN8vv_tf_sleef_atan2"' in source
+    assert c_codegen.sleef_functions("float y = expf(x);") == ""
 
 
 @pytest.mark.skipif(not cpu_backend._has_vector_math(), reason="no glibc >= 2.35 on x86-64")
 def test_kernels_call_the_vector_variants():
     """Where libmvec is there, the compiled kernel calls its vector variants (_ZGV... symbols):
     also a tanh whose argument SLEEF's bound selects (a select of its result made gcc call the
-    scalar tanh in each lane), in float and, for a float16 result, in double."""
+    scalar tanh in each lane), in float and, for a float16 result, in double; and where SLEEF
+    is, the vector variants of its wrappers."""
     flags = cpu_backend._flags(torchfuse.config.cc, torchfuse.config.cflags)
     assert cpu_backend.VECTOR_MATH_FLAGS[0] in flags
     x = torch.randn(64)
-    gelu = lambda t: torch.nn.functional.gelu(t, approximate="tanh")  # noqa: E731
-    for fn, t, name in ((torch.expm1, x, "expm1f"), (torch.nn.functional.mish, x, "tanhf"),
-                        (gelu, x.half(), "tanh")):
-        source = torchfuse.get_fused_kernel_code(trace(fn, t), t)
-        binary = cpu_backend.BACKEND.compile(source, torch.device("cpu"))
+    gelu = SLEEF_OPS["gelu_tanh"]
+    cases = [(torch.expm1, x, "expm1f", False), (F.mish, x, "tanhf", False),
+             (gelu, x.half(), "tanh", False)]
+    if cpu_backend.sleef_functions() is not None:
+        cases += [(F.mish, x, "tf_sleef_tanhf", True), (gelu, x.half(), "tf_sleef_tanhf", True),
+                  (torch.lgamma, x.double(), "tf_sleef_lgamma", True)]
+    for fn, t, name, sleef in cases:
+        binary = cpu_backend.BACKEND.compile(_source(fn, t, sleef), torch.device("cpu"))
         assert re.search(rb"_ZGV\w+_" + name.encode() + rb"\0", binary), name
 
 
 def test_logs_keep_out_of_domain_lanes_off_the_slow_path():
-    """log-like calls go through the domain wrappers, which give the same results (checked
-    above over negative inputs, -1, ±0, NaN and ±Inf)."""
+    """log-like calls to libmvec go through the domain wrappers, which give the same results
+    (checked above over negative inputs, -1, ±0, NaN and ±Inf); SLEEF's have no slow path."""
     x = torch.randn(64)  # float16's log and log2 are not VML's: computed in double (in_double)
     for fn, call, t in ((torch.log, "tf_log((double)(v0))", x.half()),
                         (torch.log1p, "tf_log1pf(v0)", x),
                         (torch.log2, "tf_log2((double)(v0))", x.half())):
-        source = torchfuse.get_fused_kernel_code(trace(fn, t), t)
-        assert call in source
+        assert call in _source(fn, t, sleef=False)
+        if cpu_backend.sleef_functions() is not None:
+            assert "tf_log" not in _source(fn, t, sleef=True)

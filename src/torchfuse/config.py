@@ -78,6 +78,12 @@ class Config:
     glibc's libmvec (within 4 ulp), not with the VML functions eager's kernels call (eager's
     bits; up to a quarter slower in kernels that are mostly such calls, e.g. an LSTM cell)."""
 
+    sleef: bool = dataclasses.field(default_factory=lambda: _flag("TORCHFUSE_SLEEF", True))
+    """TORCHFUSE_SLEEF=0: CPU kernels call glibc's libmvec for the math functions that eager's
+    vectorised kernels take from SLEEF (exp inside sigmoid, silu, the GELUs, mish; expm1,
+    log1p, sinh...; every function of float16/bfloat16), not SLEEF's own functions, which
+    torch's AVX2/AVX512 builds export (eager's bits; libmvec differs in the last bits)."""
+
     stream_bytes: int = dataclasses.field(
         default_factory=lambda: _int("TORCHFUSE_STREAM_BYTES", -1))
     """TORCHFUSE_STREAM_BYTES: CPU kernels write their contiguous outputs past the caches

@@ -326,18 +326,20 @@ def _sleef_tanh(y: str) -> str:
     return f"tanh{{f}}(tf_sleef_tanh_arg{{f}}({y}))"
 
 
-# Eager's formulas, its operations in its order. CUDA eager's nvcc contracts x + k * x**3 into
-# one fma (we compile without contraction: -fmad=false), so the CUDA form says so. For a
+# Eager's formulas, its operations in its order. Eager's compilers contract x + k * x**3 into
+# one fma (CUDA's nvcc; gcc in the CPU's AVX2/AVX512 kernels, whose vector arithmetic it sees
+# through), and we compile without contraction (-fmad=false, -ffp-contract=off): the forms say
+# so (without it the CPU's float tanh GELU differed in 0.5 % of results). For a
 # float16/bfloat16 x, 0.5 * x * (1 + e) is x * fma(0.5, e, 0.5) bit for bit (halving x is exact,
 # as is halving 1 + e, which is 0 or at least 2**-24: each side rounds the same product once; not
 # so for float's odd subnormals): one instruction of the ~30 an element of a 16-bit GELU takes on
 # CUDA, where such kernels are bound by arithmetic rather than memory.
 _ERF_CDF = "erf{f}({a} * 0.70710678118654752440{F})"
-_TANH_CDF_CUDA = "tanh{f}(0.79788456080286535588{F} * fma{f}(0.044715{F}, {a} * {a} * {a}, {a}))"
+_TANH_INNER = "0.79788456080286535588{F} * fma{f}(0.044715{F}, {a} * {a} * {a}, {a})"
+_TANH_CDF_CUDA = f"tanh{{f}}({_TANH_INNER})"
 _GELU = {
     "none": f"0.5{{F}} * {{a}} * (1 + {_ERF_CDF})",
-    "tanh": "0.5{F} * {a} * (1 + "
-    + _sleef_tanh("0.79788456080286535588{F} * ({a} + 0.044715{F} * ({a} * {a} * {a}))") + ")",
+    "tanh": f"0.5{{F}} * {{a}} * (1 + {_sleef_tanh(_TANH_INNER)})",
     "tanh_cuda": f"0.5{{F}} * {{a}} * (1 + {_TANH_CDF_CUDA})",
     "none_cuda16": f"{{a}} * fma{{f}}(0.5{{F}}, {_ERF_CDF}, 0.5{{F}})",
     "tanh_cuda16": f"{{a}} * fma{{f}}(0.5{{F}}, {_TANH_CDF_CUDA}, 0.5{{F}})",

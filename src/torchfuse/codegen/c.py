@@ -166,6 +166,126 @@ def domain_guards(code: str) -> str:
         for name, f in used)
 
 
+# Eager's vectorised CPU kernels (ATen's Vectorized, in torch's AVX2 and AVX512 builds) take
+# their math functions from SLEEF, which libtorch_cpu exports: the exp inside sigmoid, silu and
+# the GELUs, expm1, log1p, sinh..., and every function of a float16/bfloat16 tensor (in float).
+# Where this process has them (devices/cpu.sleef_functions), kernels call those very functions,
+# for eager's bits (libmvec's differ in the last bits: silu in a quarter of float32 inputs).
+# C function -> SLEEF's for float and for double ({n}: the lanes), the variants ATen calls.
+# Not here: asinh and acosh (eager's kernels call the C library's), hypot (ours is correctly
+# rounded, as SLEEF's), fmod (exact; SLEEF's is NaN for a subnormal divisor). Float erf is ATen's
+# own: Abramowitz and Stegun's 7.1.26 around SLEEF's expf (tf_aten_erff).
+SLEEF = {
+    "acos": ("acosf{n}_u10", "acosd{n}_u10"), "asin": ("asinf{n}_u10", "asind{n}_u10"),
+    "atan": ("atanf{n}_u10", "atand{n}_u10"), "atanh": ("atanhf{n}_u10", "atanhd{n}_u10"),
+    "atan2": ("atan2f{n}_u10", "atan2d{n}_u10"), "cos": ("cosf{n}_u35", "cosd{n}_u10"),
+    "cosh": ("coshf{n}_u10", "coshd{n}_u10"), "erf": (None, "erfd{n}_u10"),
+    "erfc": ("erfcf{n}_u15", "erfcd{n}_u15"), "exp": ("expf{n}_u10", "expd{n}_u10"),
+    "exp2": ("exp2f{n}_u10", "exp2d{n}_u10"), "expm1": ("expm1f{n}_u10", "expm1d{n}_u10"),
+    "lgamma": ("lgammaf{n}_u10", "lgammad{n}_u10"), "log": ("logf{n}_u10", "logd{n}_u10"),
+    "log10": ("log10f{n}_u10", "log10d{n}_u10"), "log1p": ("log1pf{n}_u10", "log1pd{n}_u10"),
+    "log2": ("log2f{n}_u10", "log2d{n}_u10"), "pow": ("powf{n}_u10", "powd{n}_u10"),
+    "sin": ("sinf{n}_u35", "sind{n}_u10"), "sinh": ("sinhf{n}_u10", "sinhd{n}_u10"),
+    "tan": ("tanf{n}_u10", "tand{n}_u10"), "tanh": ("tanhf{n}_u10", "tanhd{n}_u10"),
+}
+# tf_sleef[2i], [2i + 1]: SLEEF_NAMES[2i] (16 floats or 8 doubles), [2i + 1] (8 or 4), for
+# each function and type, in this order; the loader fills the table with their addresses.
+_SLEEF_SLOTS = [(name, double) for name in sorted(SLEEF) for double in (False, True)
+                if SLEEF[name][double]]
+SLEEF_NAMES = tuple("Sleef_" + SLEEF[name][double].format(n=n)
+                    for name, double in _SLEEF_SLOTS for n in ((8, 4) if double else (16, 8)))
+_LIBM_CALL = re.compile(rf"\b({'|'.join(SLEEF)})(f?|##S)\(")  # ##S: a helper, both types
+_SLEEF_CALL = re.compile(rf"\btf_(?:sleef_({'|'.join(SLEEF)})(f?|##S)|aten_erff)\(")
+SLEEF_TABLE = f"void* tf_sleef[{len(SLEEF_NAMES)}];  /* the loader fills it: c.SLEEF_NAMES */"
+SLEEF_TYPES = """\
+#ifndef __AVX__
+#error "SLEEF's functions need AVX"
+#endif
+#define TF_SLEEF_FN __attribute__((visibility("hidden")))
+typedef float tf_f32x4 __attribute__((vector_size(16)));
+typedef float tf_f32x8 __attribute__((vector_size(32)));
+typedef float tf_f32x16 __attribute__((vector_size(64)));
+typedef double tf_f64x2 __attribute__((vector_size(16)));
+typedef double tf_f64x4 __attribute__((vector_size(32)));
+typedef double tf_f64x8 __attribute__((vector_size(64)));
+#define TF_SLEEF(V, slot) ((V (*)(V))tf_sleef[slot])
+#define TF_SLEEF2(V, slot) ((V (*)(V, V))tf_sleef[slot])"""
+# ATen's Vectorized<float>::erf, operation for operation (its bits; the C library's erff
+# differed in 40 % of a GELU's float32 results).
+ATEN_ERFF = r"""/* ATen's Vectorized<float>::erf: Abramowitz-Stegun 7.1.26 around SLEEF's expf */
+TF_FN float tf_aten_erff(float x) {
+  const float t = 1.0f / fmaf(0.3275911f, fabsf(x), 1.0f);
+  const float r = fmaf(fmaf(fmaf(fmaf(1.061405429f, t, -1.453152027f), t, 1.421413741f), t,
+                            -0.284496736f), t, 0.254829592f);
+  const float y = fmaf(-tf_sleef_expf(-(x * x)) * t, r, 1.0f);
+  return tf_u2f(tf_f2u(y) ^ (tf_f2u(x) & 0x80000000u));
+}"""
+
+
+def sleef_calls(expr: str) -> str:
+    """``expr`` with its math calls made to SLEEF's functions (tf_sleef_<name>), float erf to
+    ATen's (tf_aten_erff)."""
+    def call(match: re.Match) -> str:
+        name, f = match.groups()
+        return "tf_aten_erff(" if name + f == "erff" else f"tf_sleef_{name}{f}("
+    return _LIBM_CALL.sub(call, expr)
+
+
+def _sleef_wrapper(name: str, double: bool, slot: int) -> str:
+    """tf_sleef_<name>: declared ``simd``, so gcc's vectorised loops call its vector-ABI
+    variants, defined here (under asm labels) as calls of SLEEF's functions: the wide one for
+    AVX512's 'e' variant, the narrow one for AVX2's 'd' and AVX's 'c', and for SSE's 'b' and the
+    scalar one with their lanes repeated across it."""
+    t, lanes = ("double", (8, 4, 2)) if double else ("float", (16, 8, 4))
+    wide, narrow, short = (f"tf_f{64 if double else 32}x{n}" for n in lanes)
+    f = f"tf_sleef_{name}{'' if double else 'f'}"
+    args = ("a", "b") if name in _BINARY else ("a",)
+    sleef = "TF_SLEEF2" if len(args) == 2 else "TF_SLEEF"
+
+    def variant(abi: str, v: str, n: int, body: str) -> list[str]:
+        label = f"_ZGV{abi}N{n}{'v' * len(args)}_{f}" if abi else f
+        head = f"TF_SLEEF_FN {v} {f}_{abi or 1}({', '.join(f'{v} {a}' for a in args)})"
+        return [f'{head} __asm__("{label}");', f"{head} {{ {body} }}"]
+
+    def repeated(a: str, count: int) -> str:  # the narrow vector of a's lanes, repeated
+        lane = [f"{a}[{i % count}]" if count > 1 else a for i in range(lanes[1])]
+        return f"({narrow}){{{', '.join(lane)}}}"
+
+    call = f"{sleef}({narrow}, {slot + 1})"
+    spread = ", ".join(repeated(a, lanes[2]) for a in args)
+    first = ", ".join(f"r[{i}]" for i in range(lanes[2]))
+    return "\n".join([
+        f"/* {SLEEF_NAMES[slot]} and {SLEEF_NAMES[slot + 1]} */",
+        f'__attribute__((simd("notinbranch"), const)) TF_SLEEF_FN {t} {f}'
+        f'({", ".join([t] * len(args))});',
+        "#ifdef __AVX512F__",
+        *variant("e", wide, lanes[0], f"return {sleef}({wide}, {slot})({', '.join(args)});"),
+        "#endif", "#ifdef __AVX2__",
+        *variant("d", narrow, lanes[1], f"return {call}({', '.join(args)});"),
+        "#endif",
+        *variant("c", narrow, lanes[1], f"return {call}({', '.join(args)});"),
+        *variant("b", short, lanes[2],
+                 f"const {narrow} r = {call}({spread}); return ({short}){{{first}}};"),
+        *variant("", t, 1, f"return {call}({', '.join(repeated(a, 1) for a in args)})[0];"),
+    ])
+
+
+def sleef_functions(code: str) -> str:
+    """The SLEEF table, and the wrappers (and ATen's erff) that ``code`` calls."""
+    used = set()
+    for name, suffix in _SLEEF_CALL.findall(code):
+        if name:
+            used.update([(name, False), (name, True)] if suffix == "##S" else [(name, not suffix)])
+    if "tf_aten_erff(" in code:
+        used.add(("exp", False))
+    if not used:
+        return ""
+    wrappers = [_sleef_wrapper(name, double, 2 * _SLEEF_SLOTS.index((name, double)))
+                for name, double in sorted(used)]
+    return "\n".join([SLEEF_TYPES, SLEEF_TABLE, *wrappers,
+                      *([ATEN_ERFF] if "tf_aten_erff(" in code else [])])
+
+
 # A fresh output this big comes from mmap, and its first touch faults in every 4 KiB page;
 # asking for 2 MiB pages first cuts the faults 512-fold (a fresh 64 MiB output: 18 -> 8 ms).
 # A hint only: where the system has no transparent huge pages, nothing changes.
@@ -260,7 +380,8 @@ def parallel_threshold(body: list[str]) -> int:
     (measured: a thread pays off from ~8K elements of plain arithmetic, from ~2K elements of an
     LSTM cell's five calls; a float16 tanh GELU's nine roundings: 4096 elements 14.8 -> 8.3 µs on
     two threads, bfloat16's 5.8 -> 3.8)."""
-    calls = sum(len(_CALL.findall(line)) + len(_WORK.findall(line)) for line in body)
+    calls = sum(len(_CALL.findall(line)) + len(_SLEEF_CALL.findall(line))
+                + len(_WORK.findall(line)) for line in body)
     return max(1, config.parallel_threshold // (1 + calls))
 
 
@@ -268,8 +389,10 @@ class CRenderer(CStyleRenderer):
     preamble = PREAMBLE
 
     def __init__(self, vml: Callable[[], bool] = lambda: False,
+                 sleef: Callable[[], bool] = lambda: False,
                  stream_bytes: Callable[[], int | None] = lambda: None) -> None:
         self.vml = vml  # whether this process has eager's VML functions (the backend asks torch)
+        self.sleef = sleef  # whether it has eager's SLEEF functions (SLEEF)
         self.stream_bytes = stream_bytes  # from what footprint block kernels stream (STREAM)
 
     def render(self, typed: TypedGraph, argspec: ArgSpec) -> str:
@@ -307,12 +430,15 @@ class CRenderer(CStyleRenderer):
         lines += ["  return err;", "}"]
         kernel = "\n".join(lines)
         shared = helpers_for(kernel)
+        if self.sleef():
+            shared = sleef_calls(shared)
         half = any(name in kernel + shared
                    for name in ("tf_half", "tf_h2f", "tf_f2h", "tf_round_f16"))
         helpers = "\n".join(filter(None, [FLOAT16 if half else "", VML_TABLE if blocks else "",
                                           STREAM if streams else "", shared, domain_guards(kernel),
                                           HUGE_PAGES]))
-        declarations = vector_math_declarations(helpers + kernel)
+        declarations = "\n".join(filter(None, [vector_math_declarations(helpers + kernel),
+                                                sleef_functions(helpers + kernel)]))
         return "\n".join([header + self.preamble, declarations, helpers, "", kernel, ""])
 
     def _stream_from(self, typed: TypedGraph) -> int | None:
@@ -437,9 +563,13 @@ class CRenderer(CStyleRenderer):
         return str(self._operand(op.operands[0], selected.casts[0], typed, False))
 
     def body(self, typed: TypedGraph) -> list[str]:
-        n = typed.graph.n_inputs
+        """The element path's statements: math calls to SLEEF's functions where this process
+        has them, float16 results' others in double (in_double), logs through their domain
+        wrappers."""
+        n, sleef = typed.graph.n_inputs, self.sleef()
+        lines = [sleef_calls(line) if sleef else line for line in super().body(typed)]
         return [guard_domains(in_double(line) if typed.dtypes[n + k] == torch.float16 else line)
-                for k, line in enumerate(super().body(typed))]
+                for k, line in enumerate(lines)]
 
     @staticmethod
     def _prologue(typed: TypedGraph, argspec: ArgSpec, k: int) -> list[str]:

@@ -22,7 +22,7 @@ import torch
 
 from ... import diskcache, ops
 from ...cache import count
-from ...codegen.c import VML, VML_MODE, CRenderer, streamed_from
+from ...codegen.c import SLEEF_NAMES, VML, VML_MODE, CRenderer, streamed_from
 from ...config import config, log
 from .. import CompileError, EntryBuild, launcher, no_dispatch_modes
 
@@ -191,8 +191,25 @@ def vml_functions() -> tuple[int, ...] | None:
 
 
 
+@functools.lru_cache(maxsize=1)
+def sleef_functions() -> tuple[int, ...] | None:
+    """The addresses of the SLEEF functions eager's vectorised CPU kernels call
+    (codegen/c.SLEEF_NAMES), from libtorch_cpu; None where its kernels here are not the AVX2 or
+    AVX512 ones (which call them; the others call the C library's), or it lacks one."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    try:
+        library = ctypes.CDLL(os.path.join(lib_dir, "libtorch_cpu.so"))
+        return tuple(ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+                     for name in SLEEF_NAMES)
+    except (OSError, AttributeError):
+        return None
+
+
 class CPUBackend:
     renderer = CRenderer(vml=lambda: config.vml and vml_functions() is not None,
+                         sleef=lambda: config.sleef and sleef_functions() is not None,
                          stream_bytes=stream_bytes)
 
     def unavailable(self) -> str | None:
@@ -254,6 +271,10 @@ def _launch(binary: bytes, source: str) -> Callable[..., int]:
     if "tf_vml[" in source:  # the kernel calls eager's VML functions: tell it where
         addresses = vml_functions()
         table = (ctypes.c_void_p * len(addresses)).in_dll(library, "tf_vml")
+        table[:] = addresses
+    if "tf_sleef[" in source:  # and SLEEF's (codegen/c.SLEEF)
+        addresses = sleef_functions()
+        table = (ctypes.c_void_p * len(addresses)).in_dll(library, "tf_sleef")
         table[:] = addresses
     function = library.tf_kernel
     native = launcher.get()
