@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.torch_version import TorchVersion
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -125,6 +126,9 @@ class OpDef:
     """The function of MKL's VML (Vector Math Library) that eager's CPU kernel calls for this
     op on float32/float64 tensors (``Exp`` for vmsExp/vmdExp), where torch is built with MKL:
     a CPU kernel passes it a block of elements and gets eager's bits (codegen.c)."""
+    libm: tuple[torch.dtype, ...] = ()
+    """The compute dtypes for which eager's CPU kernel calls the C library's function where
+    SLEEF has one (codegen.c.SLEEF): there a CPU kernel calls libmvec's, within 4 ulp."""
     refuses: Callable[[Sequence[Any]], str | None] | None = None
     """operands (tensors, maybe fake, or numbers) -> why eager refuses them, or None. Fake
     tensors let such calls through (sub of a bool, pow of bools, an integer to a negative
@@ -314,7 +318,7 @@ def _clamp_lone_bound(ctx: Ctx, x: Operand, lo: Operand, hi: Operand) -> str:
     return f"({x} != {x} ? {x} : {fn}{ctx.f}({x}, {bound}))"
 
 
-_CLAMP_CPU = _clamp_lone_bound if torch.__version__ < "2.13" else _clamp
+_CLAMP_CPU = _clamp_lone_bound if TorchVersion(torch.__version__) < "2.13" else _clamp
 _CLAMP = {"f": _CLAMP_CPU, "i": _clamp, "cuda": {"f": _clamp_lone_bound}}
 
 
@@ -638,7 +642,10 @@ OPS: tuple[OpDef, ...] = (
                                  ("log", "Ln"), ("log10", "Log10"), ("log2", "Log2"),
                                  ("sin", "Sin"), ("sqrt", "Sqrt"), ("tan", "Tan"),
                                  ("tanh", "Tanh"))),
-    *(_fn(n) for n in ("acosh", "asinh", "atanh", "cosh", "lgamma", "log1p", "sinh", "exp2")),
+    *(_fn(n) for n in ("acosh", "asinh", "atanh", "lgamma", "log1p", "exp2")),
+    # torch 2.14's float32 kernels of these call the C library's functions (2.13's, SLEEF's)
+    *(_fn(n, libm=(torch.float32,) if TorchVersion(torch.__version__) >= "2.14" else ())
+      for n in ("cosh", "sinh")),
     _fn("expm1", "expm1{f}(tf_sleef_expm1_arg{f}({a}))", cuda={"f": "expm1{f}({a})"}),
     # CUDA eager calls CUDA's rsqrt (rsqrt.approx for float: not 1 / sqrt's correct rounding)
     _fn("rsqrt", "1 / sqrt{f}({a})", cuda={"f": "rsqrt{f}({a})"}),

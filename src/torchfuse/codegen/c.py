@@ -567,7 +567,8 @@ class CRenderer(CStyleRenderer):
         has them, float16 results' others in double (in_double), logs through their domain
         wrappers."""
         n, sleef = typed.graph.n_inputs, self.sleef()
-        lines = [sleef_calls(line) if sleef else line for line in super().body(typed)]
+        lines = [sleef_calls(line) if sleef and chosen.compute not in chosen.op.libm else line
+                 for line, chosen in zip(super().body(typed), typed.selected, strict=True)]
         return [guard_domains(in_double(line) if typed.dtypes[n + k] == torch.float16 else line)
                 for k, line in enumerate(lines)]
 
