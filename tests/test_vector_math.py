@@ -456,7 +456,8 @@ def test_kernels_call_the_vector_variants():
     """Where libmvec is there, the compiled kernel calls its vector variants (_ZGV... symbols):
     also a tanh whose argument SLEEF's bound selects (a select of its result made gcc call the
     scalar tanh in each lane), in float and, for a float16 result, in double; and where SLEEF
-    is, the vector variants of its wrappers."""
+    is, the vector variants of its wrappers, also for a call that only one side of a select
+    reads (gcc sank it into a branch, and the loop stayed scalar: -fno-tree-sink)."""
     flags = cpu_backend._flags(torchfuse.config.cc, torchfuse.config.cflags)
     assert cpu_backend.VECTOR_MATH_FLAGS[0] in flags
     x = torch.randn(64)
@@ -464,8 +465,10 @@ def test_kernels_call_the_vector_variants():
     cases = [(torch.expm1, x, "expm1f", False), (F.mish, x, "tanhf", False),
              (gelu, x.half(), "tanh", False)]
     if cpu_backend.sleef_functions() is not None:
+        where = lambda t: torch.where(t > 0, torch.log1p(t) * 2, t)  # noqa: E731
         cases += [(F.mish, x, "tf_sleef_tanhf", True), (gelu, x.half(), "tf_sleef_tanhf", True),
-                  (torch.lgamma, x.double(), "tf_sleef_lgamma", True)]
+                  (torch.lgamma, x.double(), "tf_sleef_lgamma", True),
+                  (where, x, "tf_sleef_log1pf", True)]  # a call only one side reads
     for fn, t, name, sleef in cases:
         binary = cpu_backend.BACKEND.compile(_source(fn, t, sleef), torch.device("cpu"))
         assert re.search(rb"_ZGV\w+_" + name.encode() + rb"\0", binary), name

@@ -28,8 +28,11 @@ from .. import CompileError, EntryBuild, launcher, no_dispatch_modes
 
 # -ffp-contract=off: eager rounds every op's result, so a product feeding an add is rounded
 # first; gcc's default (fast) would fuse the two into one multiply-add, rounding once.
+# -fno-tree-sink: gcc would sink a math call whose result only one side of a select reads
+# into that side (where(x > 0, log1p(x) * y, ...)), and a loop with a branch does not
+# vectorise: SLEEF's log1p then ran in each lane, where_mix 17x slower.
 BASE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-fwrapv",
-              "-fno-math-errno", "-ffp-contract=off")
+              "-fno-math-errno", "-ffp-contract=off", "-fno-tree-sink")
 OPENMP_FLAGS = ("-fopenmp",)
 # glibc's vector math (see codegen.c.VECTOR_MATH). -z defs: a vector variant this libmvec lacks
 # fails the compile (and the fallback runs) instead of the load.
