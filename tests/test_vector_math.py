@@ -340,6 +340,18 @@ def test_sleef_ops_are_cpu_eagers_bits_on_every_16_bit_value(dtype):
             assert_same_bits(run_fused(fn, every), fn(every), name)
 
 
+@SLEEF
+def test_inline_expf_is_sleefs():
+    """The kernels' own expf (SLEEF_INLINE, checked against SLEEF's on all 2**32 floats when
+    written) inside eager's silu: a million floats across exp's range and random bit patterns.
+    (A power of two long: eager's threads' shares then leave no scalar tail.)"""
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31, (1 << 19,), generator=gen, dtype=torch.int64)
+    x = torch.cat([torch.linspace(-110.0, 110.0, 1 << 19),
+                   bits.to(torch.int32).view(torch.float32)])
+    assert_same_bits(run_fused(F.silu, x), F.silu(x), "silu")
+
+
 @pytest.mark.parametrize("sleef", [True, False], ids=["sleef", "libmvec"])
 def test_composite_activations_accurate(sleef):
     """sigmoid, silu, gelu (erf and tanh forms), mish and softplus go through expf/erff/tanhf."""
@@ -440,14 +452,17 @@ def test_kernel_declares_its_math_functions_simd():
 
 
 def test_sleef_names_and_slots():
-    """Each function's wide and narrow SLEEF functions sit at its slots of the loader's table."""
+    """Each function's wide and narrow SLEEF functions sit at its slots of the loader's table;
+    expf is inline (SLEEF_INLINE)."""
     assert len(c_codegen.SLEEF_NAMES) == len(set(c_codegen.SLEEF_NAMES))
-    source = c_codegen.sleef_functions("double y = tf_sleef_atan2(a, b) + tf_aten_erff(x);")
+    source = c_codegen.sleef_functions(
+        "double y = tf_sleef_atan2(a, b) + tf_aten_erff(x) + tf_sleef_log1pf(x);")
     for name, call in (("atan2d8_u10", "TF_SLEEF2(tf_f64x8, {})(a, b)"),
                        ("atan2d4_u10", "TF_SLEEF2(tf_f64x4, {})(a, b)"),
-                       ("expf8_u10", "TF_SLEEF(tf_f32x8, {})(a)")):
+                       ("log1pf8_u10", "TF_SLEEF(tf_f32x8, {})(a)")):
         assert call.format(c_codegen.SLEEF_NAMES.index("Sleef_" + name)) in source
     assert "tf_aten_erff(float x)" in source and '"_ZGVeN8vv_tf_sleef_atan2"' in source
+    assert "TF_FN float tf_sleef_expf(float d)" in source and "_tf_sleef_expf" not in source
     assert c_codegen.sleef_functions("float y = expf(x);") == ""
 
 
