@@ -150,6 +150,24 @@ def test_vml_ops_are_cpu_eagers_bits(name, dtype):
             assert_same_bits(got, want, f"{name} {tuple(a.shape)} {a.stride()}")
 
 
+@pytest.mark.skipif(cpu_backend.vml_functions() is None, reason="this torch has no MKL VML")
+@pytest.mark.parametrize("eps", [None, 1e-6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logit_passes_its_quotient_to_vml(dtype, eps):
+    """Eager's CPU logit passes z / (1 - z) to VML's Ln (OpDef.vml_argument): eager's bits,
+    alone and in a chain (SLEEF's log differed in 0.5 %). (Contiguous: of a strided tensor
+    eager's loop is scalar, the C library's log.)"""
+    x = torch.rand(4099, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = (x * 1.2 - 0.1).to(dtype)
+    x[:5] = torch.tensor([0.0, 1.0, math.nan, -0.0, 0.5])
+
+    def fn(a):
+        return torch.logit(a, eps) * 2, torch.logit(torch.sigmoid(a), eps)
+    key = torchfuse.register_fusion(trace(fn, x))
+    for got, want in zip(torchfuse.run_fusion(key, x), fn(x), strict=True):
+        assert_same_bits(got, want, f"logit {dtype} {eps}")
+
+
 def _stream_cases() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Flat, unaligned (odd lengths, offsets), rows beside a partial output (a row's), and a
     transposed input whose layout the outputs follow."""

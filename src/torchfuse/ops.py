@@ -126,6 +126,9 @@ class OpDef:
     """The function of MKL's VML (Vector Math Library) that eager's CPU kernel calls for this
     op on float32/float64 tensors (``Exp`` for vmsExp/vmdExp), where torch is built with MKL:
     a CPU kernel passes it a block of elements and gets eager's bits (codegen.c)."""
+    vml_argument: Render | None = None
+    """What eager's kernel passes to the VML function, where not the operand itself (logit's
+    quotient, of the operands as ``f`` has them)."""
     libm: tuple[torch.dtype, ...] = ()
     """The compute dtypes for which eager's CPU kernel calls the C library's function where
     SLEEF has one (codegen.c.SLEEF): there a CPU kernel calls libmvec's, within 4 ulp."""
@@ -507,9 +510,14 @@ def _sigmoid_backward(ctx: Ctx, a: Operand, b: Operand) -> str:
 
 
 def _logit(ctx: Ctx, a: Operand) -> str:
-    """log(z / (1 - z)), z = a clamped to [eps, 1 - eps] where eps is given. The CPU's eager
-    computes float16/bfloat16 in the scalar type: eps, 1 - eps and each step rounded to it (the
-    bfloat16 1 - 1e-3 is 1, so logit(1) stays inf there); CUDA's in float."""
+    return f"log{ctx.f}({_logit_quotient(ctx, a)})"
+
+
+def _logit_quotient(ctx: Ctx, a: Operand) -> str:
+    """logit is log(z / (1 - z)), z = a clamped to [eps, 1 - eps] where eps is given: this is
+    the quotient, which the CPU's eager passes to VML's Ln in float32/float64. It computes
+    float16/bfloat16 in the scalar type: eps, 1 - eps and each step rounded to it (the bfloat16
+    1 - 1e-3 is 1, so logit(1) stays inf there); CUDA's in float."""
     stepwise = not ctx.cuda and ctx.compute in HALF_DTYPES
     narrow = ctx.narrow if stepwise else lambda expr: expr
     eps, z = ctx.attrs.get("eps"), a
@@ -519,7 +527,7 @@ def _logit(ctx: Ctx, a: Operand) -> str:
         lo, hi = ctx.literal(lo), ctx.literal(hi)
         z = f"({a} < {lo} ? {lo} : ({a} > {hi} ? {hi} : {a}))"
     complement = narrow(f"1 - {z}")
-    return f"log{ctx.f}({narrow(f'{z} / ({complement})')})"
+    return narrow(f"{z} / ({complement})")
 
 
 def rounded(value: float, dtype: torch.dtype) -> float:
@@ -658,7 +666,7 @@ OPS: tuple[OpDef, ...] = (
     _fn("hardsigmoid", "TF_MIN(TF_MAX({a} + 3, 0), 6) / 6", cuda={"f": _hardsigmoid_cuda}),
     _fn("hardswish", "{a} * TF_MIN(TF_MAX({a} + 3, 0), 6) / 6", cuda={"f": _hardswish_cuda}),
     _fn("gelu", _gelu, pair=_gelu_pair),
-    _fn("logit", _logit),
+    _fn("logit", _logit, vml="Ln", vml_argument=_logit_quotient),
     _fn("nan_to_num", _nan_to_num),
     _fn("leaky_relu", "{a} > 0 ? {a} : {a} * {b}"),
     _fn("elu", "{a} <= 0 ? expm1{f}({a} * {d}) * {b} * {c} : {a} * {c}"),

@@ -536,7 +536,8 @@ class CRenderer(CStyleRenderer):
         given = {}
         for k in calls:
             compute, v = typed.selected[k].compute, graph.ops[k].operands[0]
-            if isinstance(v, Ref) and v.id - n in calls and dtypes[v.id] == compute:
+            if (isinstance(v, Ref) and v.id - n in calls and dtypes[v.id] == compute
+                    and typed.selected[k].op.vml_argument is None):
                 given[k] = f"r{v.id}"
             else:
                 arrays.append(f"{C_TYPES[compute]} a{n + k}[{BLOCK}];")
@@ -586,8 +587,12 @@ class CRenderer(CStyleRenderer):
         return lines + [f"{pad}}}"]
 
     def _vml_argument(self, typed: TypedGraph, k: int) -> str:
-        """Op ``k``'s operand, in its compute type: what its VML function is given."""
+        """What op ``k``'s VML function is given: its operand in its compute type, or what
+        OpDef.vml_argument makes of its operands."""
         op, selected = typed.graph.ops[k], typed.selected[k]
+        if selected.op.vml_argument is not None:
+            ctx, operands = self.op_context(typed, k)
+            return selected.op.vml_argument(ctx, *operands)
         return str(self._operand(op.operands[0], selected.casts[0], typed, False))
 
     def body(self, typed: TypedGraph) -> list[str]:

@@ -366,6 +366,18 @@ class CStyleRenderer:
     def op_result(self, typed: TypedGraph, k: int) -> tuple[str, torch.dtype]:
         """The C expression of op ``k`` and the dtype it computes, before the conversion to
         the op's output dtype."""
+        selected = typed.selected[k]
+        ctx, operands = self.op_context(typed, k)
+        template = selected.template
+        expr = template(ctx, *operands) if callable(template) else ctx.fmt(template, operands)
+        # float16/bfloat16 compute in float: the result is rounded to its dtype like eager's.
+        result = torch.bool if selected.op.boolean else selected.compute
+        if result in ops.HALF_DTYPES:
+            result = torch.float32
+        return expr, result
+
+    def op_context(self, typed: TypedGraph, k: int) -> tuple[ops.Ctx, list[ops.Operand]]:
+        """What op ``k``'s template is rendered with: its Ctx and operands."""
         graph, dtypes, selected = typed.graph, typed.dtypes, typed.selected[k]
         op = graph.ops[k]
         out = dtypes[graph.n_inputs + k]
@@ -386,13 +398,7 @@ class CStyleRenderer:
             narrow=lambda expr: self.convert(
                 expr, torch.float32 if compute in ops.HALF_DTYPES else compute, compute),
         )
-        template = selected.template
-        expr = template(ctx, *operands) if callable(template) else ctx.fmt(template, operands)
-        # float16/bfloat16 compute in float: the result is rounded to its dtype like eager's.
-        result = torch.bool if selected.op.boolean else compute
-        if result in ops.HALF_DTYPES:
-            result = torch.float32
-        return expr, result
+        return ctx, operands
 
     def body(self, typed: TypedGraph) -> list[str]:
         """Statements computing every op's value ``v<id>`` from the loaded inputs."""

@@ -178,7 +178,8 @@ def vml_functions() -> tuple[int, ...] | None:
         functions = [getattr(library, prefix + name) for name in VML for prefix in ("vms", "vmd")]
     except (OSError, AttributeError):
         return None
-    op_of = {op.vml: getattr(torch, op.name) for op in ops.OPS if op.vml}
+    op_of = {op.vml: getattr(torch, op.name) for op in ops.OPS
+             if op.vml and op.vml_argument is None}
     # real tensors even where the first kernel is built under torch.compile's fake tensors
     with no_dispatch_modes(), torch.no_grad():
         x = torch.linspace(-3, 3, 67, dtype=torch.float64) ** 3
