@@ -469,6 +469,20 @@ def test_kernel_declares_its_math_functions_simd():
             assert f'__asm__("_ZGVeN16v_{name}");' in source
 
 
+def test_sleef_only_where_eagers_kernels_call_it(monkeypatch):
+    """Eager's kernels of another CPU capability (DEFAULT: no AVX2) call the C library's
+    functions, not SLEEF's: there kernels call libmvec's."""
+    x = torch.randn(64)
+    cpu_backend.sleef_functions.cache_clear()
+    try:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+        assert cpu_backend.sleef_functions() is None
+        source = torchfuse.get_fused_kernel_code(trace(F.silu, x), x)
+        assert "tf_sleef" not in source and "TF_SIMD float expf(float);" in source
+    finally:
+        cpu_backend.sleef_functions.cache_clear()
+
+
 def test_sleef_names_and_slots():
     """Each function's wide and narrow SLEEF functions sit at its slots of the loader's table;
     expf is inline (SLEEF_INLINE)."""
