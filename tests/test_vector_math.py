@@ -332,9 +332,10 @@ SLEEF_OPS = {
 def test_sleef_ops_are_cpu_eagers_bits(name, dtype):
     """Where eager's CPU kernels are the AVX2/AVX512 ones, the composite activations and every
     math function of a float16/bfloat16 tensor (and those of float32/float64 eager does not pass
-    to VML) are eager's bits: the same SLEEF functions, float erf ATen's own (the GELU's, with
-    oneDNN off), the tanh GELU's fma where gcc contracts eager's. (Contiguous, of whole vectors:
-    eager's scalar tail calls the C library's functions.)"""
+    to VML) are eager's bits with sleef_all (by default where SLEEF_CHEAP has the function, and
+    for float16): the same SLEEF functions, float erf ATen's own (the GELU's, with oneDNN off),
+    the tanh GELU's fma where gcc contracts eager's. (Contiguous, of whole vectors: eager's
+    scalar tail calls the C library's functions.)"""
     if any(op.name == name and dtype in op.libm for op in ops.OPS):
         pytest.skip("eager's kernel here calls the C library's function (OpDef.libm)")
     fn = SLEEF_OPS[name]
@@ -343,15 +344,15 @@ def test_sleef_ops_are_cpu_eagers_bits(name, dtype):
     x = x.to(dtype)
     if name in ("log", "log2", "log10", "log1p"):
         x = x.abs() - float(name == "log1p")
-    with torch.backends.mkldnn.flags(enabled=False):  # eager's own GELU, not oneDNN's
-        assert_same_bits(run_fused(fn, x), fn(x), f"{name} {dtype}")
+    with torch.backends.mkldnn.flags(enabled=False), torchfuse.config.override(sleef_all=True):
+        assert_same_bits(run_fused(fn, x), fn(x), f"{name} {dtype}")  # (oneDNN's GELU off)
 
 
 @SLEEF
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_sleef_ops_are_cpu_eagers_bits_on_every_16_bit_value(dtype):
     every = ops.every_value(dtype)
-    with torch.backends.mkldnn.flags(enabled=False):
+    with torch.backends.mkldnn.flags(enabled=False), torchfuse.config.override(sleef_all=True):
         for name in ("sigmoid", "silu", "gelu", "gelu_tanh", "mish", "exp", "tanh", "erf",
                      "log1p", "sin"):
             fn = SLEEF_OPS[name]
@@ -449,9 +450,25 @@ def test_vml_and_sleef_off_leave_every_function_to_libmvec():
     assert "TF_SIMD float tanhf(float);" in source
 
 
-def _source(fn, t, sleef: bool) -> str:
-    with torchfuse.config.override(sleef=sleef):
+def _source(fn, t, sleef: bool, every: bool = False) -> str:
+    with torchfuse.config.override(sleef=sleef, sleef_all=every):
         return torchfuse.get_fused_kernel_code(trace(fn, t), t)
+
+
+@SLEEF
+def test_costly_sleef_functions_only_where_asked():
+    """By default kernels call SLEEF's functions where they cost about libmvec's (SLEEF_CHEAP:
+    the exp of a sigmoid), libmvec's elsewhere (the tanh of a float32 tanh GELU), but SLEEF's
+    every one for a float16 result (whose libmvec calls would be in double); with sleef_all
+    SLEEF's every one."""
+    x = torch.randn(64)
+    gelu = SLEEF_OPS["gelu_tanh"]
+    fn = lambda t: gelu(t) + torch.sigmoid(t)  # noqa: E731
+    source = _source(fn, x, sleef=True)
+    assert "tf_sleef_expf(" in source and "TF_SIMD float tanhf(float);" in source
+    assert "tf_sleef_tanhf" not in source
+    assert "tf_sleef_tanhf(" in _source(fn, x, sleef=True, every=True)
+    assert "tf_sleef_tanhf(" in _source(fn, x.half(), sleef=True)
 
 
 def test_kernel_declares_its_math_functions_simd():
@@ -461,7 +478,7 @@ def test_kernel_declares_its_math_functions_simd():
     assert "TF_SIMD float exp2f(float);" in source
     assert "TF_SIMD float expm1f(float);" in source
     if cpu_backend.sleef_functions() is not None:
-        source = _source(fn, x, sleef=True)  # asinh stays the C library's (eager's too)
+        source = _source(fn, x, sleef=True, every=True)  # asinh: the C library's (as eager's)
         assert "TF_SIMD float asinhf(float);" in source
         assert "TF_SIMD float exp2f(float);" not in source
         for name in ("tf_sleef_exp2f", "tf_sleef_expm1f"):
@@ -517,7 +534,8 @@ def test_kernels_call_the_vector_variants():
                   (torch.lgamma, x.double(), "tf_sleef_lgamma", True),
                   (where, x, "tf_sleef_log1pf", True)]  # a call only one side reads
     for fn, t, name, sleef in cases:
-        binary = cpu_backend.BACKEND.compile(_source(fn, t, sleef), torch.device("cpu"))
+        binary = cpu_backend.BACKEND.compile(_source(fn, t, sleef, every=sleef),
+                                             torch.device("cpu"))
         assert re.search(rb"_ZGV\w+_" + name.encode() + rb"\0", binary), name
 
 

@@ -79,10 +79,17 @@ class Config:
     bits; up to a quarter slower in kernels that are mostly such calls, e.g. an LSTM cell)."""
 
     sleef: bool = dataclasses.field(default_factory=lambda: _flag("TORCHFUSE_SLEEF", True))
-    """TORCHFUSE_SLEEF=0: CPU kernels call glibc's libmvec for the math functions that eager's
-    vectorised kernels take from SLEEF (exp inside sigmoid, silu, the GELUs, mish; expm1,
-    log1p, sinh...; every function of float16/bfloat16), not SLEEF's own functions, which
-    torch's AVX2/AVX512 builds export (eager's bits; libmvec differs in the last bits)."""
+    """TORCHFUSE_SLEEF=0: CPU kernels call glibc's libmvec for every math function that eager's
+    vectorised kernels take from SLEEF, not SLEEF's own, which torch's AVX2/AVX512 builds
+    export (eager's bits; libmvec differs in the last bits). By default they call SLEEF's where
+    it costs about what libmvec's does (exp inside sigmoid, silu and the erf GELU, log, log1p,
+    sin, lgamma...; codegen.c.SLEEF_CHEAP) and for float16 results."""
+
+    sleef_all: bool = dataclasses.field(
+        default_factory=lambda: _flag("TORCHFUSE_SLEEF_ALL", False))
+    """TORCHFUSE_SLEEF_ALL=1: CPU kernels call every SLEEF function eager's do (also tanh,
+    expm1, sinh, cosh, atan2, pow..., 2-6x libmvec's cost): eager's bits for the tanh GELU,
+    mish, elu... at about eager's speed for their arithmetic."""
 
     stream_bytes: int = dataclasses.field(
         default_factory=lambda: _int("TORCHFUSE_STREAM_BYTES", -1))

@@ -222,11 +222,27 @@ TF_FN float tf_aten_erff(float x) {
 }"""
 
 
-def sleef_calls(expr: str) -> str:
+# The SLEEF functions that cost about what libmvec's do, which kernels call by default. Run_fusion
+# of 4M values on one thread, SLEEF's time / libmvec's, float (double): exp 1.05 (inline), exp2
+# 1.06 (1.11), log 1.23 (0.95), log1p 1.31 (1.35), sin 1.18 (1.29), lgamma 0.38 (0.93), float
+# erf (ATen's) 0.74. The others cost 2-6x: tanh 4.3 (2.1), expm1 3.0 (2.0), sinh 3.1, cosh 3.7,
+# atanh 2.6, atan 2.5, atan2 2.2, asin 1.9, tan 2.0, erfc 6.6 (5.2), pow 1.5 (2.1), double erf
+# 2.2 (a GPT MLP's tanh GELU on the CPU: 2.8x eager's speed-up lost): those stay libmvec's
+# unless config.sleef_all, or for a float16 result, whose libmvec calls are in double
+# (in_double), as costly as SLEEF's float ones.
+SLEEF_CHEAP = {(name, double) for name in ("exp", "exp2", "log", "log2", "log10", "log1p", "sin",
+                                           "cos", "lgamma") for double in (False, True)}
+SLEEF_CHEAP.add(("erf", False))
+
+
+def sleef_calls(expr: str, every: bool = True) -> str:
     """``expr`` with its math calls made to SLEEF's functions (tf_sleef_<name>), float erf to
-    ATen's (tf_aten_erff)."""
+    ATen's (tf_aten_erff): ``every`` one, or those of SLEEF_CHEAP."""
     def call(match: re.Match) -> str:
         name, f = match.groups()
+        types = (False, True) if f == "##S" else (not f,)
+        if not every and any((name, double) not in SLEEF_CHEAP for double in types):
+            return match.group(0)
         return "tf_aten_erff(" if name + f == "erff" else f"tf_sleef_{name}{f}("
     return _LIBM_CALL.sub(call, expr)
 
@@ -417,10 +433,10 @@ class CRenderer(CStyleRenderer):
     preamble = PREAMBLE
 
     def __init__(self, vml: Callable[[], bool] = lambda: False,
-                 sleef: Callable[[], bool] = lambda: False,
+                 sleef: Callable[[], str] = lambda: "",
                  stream_bytes: Callable[[], int | None] = lambda: None) -> None:
         self.vml = vml  # whether this process has eager's VML functions (the backend asks torch)
-        self.sleef = sleef  # whether it has eager's SLEEF functions (SLEEF)
+        self.sleef = sleef  # which of eager's SLEEF functions kernels call: "", "cheap", "all"
         self.stream_bytes = stream_bytes  # from what footprint block kernels stream (STREAM)
 
     def render(self, typed: TypedGraph, argspec: ArgSpec) -> str:
@@ -459,7 +475,7 @@ class CRenderer(CStyleRenderer):
         kernel = "\n".join(lines)
         shared = helpers_for(kernel)
         if self.sleef():
-            shared = sleef_calls(shared)
+            shared = sleef_calls(shared, every=self.sleef() == "all")
         half = any(name in kernel + shared
                    for name in ("tf_half", "tf_h2f", "tf_f2h", "tf_round_f16"))
         helpers = "\n".join(filter(None, [FLOAT16 if half else "", VML_TABLE if blocks else "",
@@ -597,11 +613,13 @@ class CRenderer(CStyleRenderer):
 
     def body(self, typed: TypedGraph) -> list[str]:
         """The element path's statements: math calls to SLEEF's functions where this process
-        has them, float16 results' others in double (in_double), logs through their domain
-        wrappers."""
+        has them (SLEEF_CHEAP's, or every one: config.sleef_all, or a float16 result), float16
+        results' others in double (in_double), logs through their domain wrappers."""
         n, sleef = typed.graph.n_inputs, self.sleef()
-        lines = [sleef_calls(line) if sleef and chosen.compute not in chosen.op.libm else line
-                 for line, chosen in zip(super().body(typed), typed.selected, strict=True)]
+        lines = [sleef_calls(line, sleef == "all" or typed.dtypes[n + k] == torch.float16)
+                 if sleef and chosen.compute not in chosen.op.libm else line
+                 for k, (line, chosen) in enumerate(zip(super().body(typed), typed.selected,
+                                                        strict=True))]
         return [guard_domains(in_double(line) if typed.dtypes[n + k] == torch.float16 else line)
                 for k, line in enumerate(lines)]
 

@@ -213,7 +213,8 @@ def sleef_functions() -> tuple[int, ...] | None:
 
 class CPUBackend:
     renderer = CRenderer(vml=lambda: config.vml and vml_functions() is not None,
-                         sleef=lambda: config.sleef and sleef_functions() is not None,
+                         sleef=lambda: "" if not config.sleef or sleef_functions() is None
+                         else "all" if config.sleef_all else "cheap",
                          stream_bytes=stream_bytes)
 
     def unavailable(self) -> str | None:
