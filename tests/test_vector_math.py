@@ -504,7 +504,7 @@ def test_sleef_names_and_slots():
     """Each function's wide and narrow SLEEF functions sit at its slots of the loader's table;
     expf is inline (SLEEF_INLINE)."""
     assert len(c_codegen.SLEEF_NAMES) == len(set(c_codegen.SLEEF_NAMES))
-    source = c_codegen.sleef_functions(
+    source = c_codegen.sleef_definitions(
         "double y = tf_sleef_atan2(a, b) + tf_aten_erff(x) + tf_sleef_log1pf(x);")
     for name, call in (("atan2d8_u10", "TF_SLEEF2(tf_f64x8, {})(a, b)"),
                        ("atan2d4_u10", "TF_SLEEF2(tf_f64x4, {})(a, b)"),
@@ -512,7 +512,7 @@ def test_sleef_names_and_slots():
         assert call.format(c_codegen.SLEEF_NAMES.index("Sleef_" + name)) in source
     assert "tf_aten_erff(float x)" in source and '"_ZGVeN8vv_tf_sleef_atan2"' in source
     assert "TF_FN float tf_sleef_expf(float d)" in source and "_tf_sleef_expf" not in source
-    assert c_codegen.sleef_functions("float y = expf(x);") == ""
+    assert c_codegen.sleef_definitions("float y = expf(x);") == ""
 
 
 @pytest.mark.skipif(not cpu_backend._has_vector_math(), reason="no glibc >= 2.35 on x86-64")

@@ -312,7 +312,7 @@ TF_FN float tf_sleef_expf(float d) {
 }"""}
 
 
-def sleef_functions(code: str) -> str:
+def sleef_definitions(code: str) -> str:
     """The SLEEF table, and the wrappers (or inline functions, and ATen's erff) that ``code``
     calls."""
     used = set()
@@ -474,15 +474,16 @@ class CRenderer(CStyleRenderer):
         lines += ["  return err;", "}"]
         kernel = "\n".join(lines)
         shared = helpers_for(kernel)
-        if self.sleef():
-            shared = sleef_calls(shared, every=self.sleef() == "all")
+        sleef = self.sleef()
+        if sleef:
+            shared = sleef_calls(shared, every=sleef == "all")
         half = any(name in kernel + shared
                    for name in ("tf_half", "tf_h2f", "tf_f2h", "tf_round_f16"))
         helpers = "\n".join(filter(None, [FLOAT16 if half else "", VML_TABLE if blocks else "",
                                           STREAM if streams else "", shared, domain_guards(kernel),
                                           HUGE_PAGES]))
         declarations = "\n".join(filter(None, [vector_math_declarations(helpers + kernel),
-                                                sleef_functions(helpers + kernel)]))
+                                                sleef_definitions(helpers + kernel)]))
         return "\n".join([header + self.preamble, declarations, helpers, "", kernel, ""])
 
     def _stream_from(self, typed: TypedGraph) -> int | None:
@@ -616,12 +617,14 @@ class CRenderer(CStyleRenderer):
         has them (SLEEF_CHEAP's, or every one: config.sleef_all, or a float16 result), float16
         results' others in double (in_double), logs through their domain wrappers."""
         n, sleef = typed.graph.n_inputs, self.sleef()
-        lines = [sleef_calls(line, sleef == "all" or typed.dtypes[n + k] == torch.float16)
-                 if sleef and chosen.compute not in chosen.op.libm else line
-                 for k, (line, chosen) in enumerate(zip(super().body(typed), typed.selected,
-                                                        strict=True))]
-        return [guard_domains(in_double(line) if typed.dtypes[n + k] == torch.float16 else line)
-                for k, line in enumerate(lines)]
+        lines = []
+        for line, chosen, dtype in zip(super().body(typed), typed.selected, typed.dtypes[n:],
+                                       strict=True):
+            half = dtype == torch.float16
+            if sleef and chosen.compute not in chosen.op.libm:
+                line = sleef_calls(line, every=sleef == "all" or half)
+            lines.append(guard_domains(in_double(line) if half else line))
+        return lines
 
     @staticmethod
     def _prologue(typed: TypedGraph, argspec: ArgSpec, k: int) -> list[str]:

@@ -167,16 +167,24 @@ def _cpu_identity() -> str:
     return f"{platform.machine()} {hashlib.sha256(features.encode()).hexdigest()[:16]}"
 
 
-@functools.lru_cache(maxsize=1)
-def vml_functions() -> tuple[int, ...] | None:
-    """The addresses of the VML functions eager's CPU kernels call (vms<f>, vmd<f> for each of
-    codegen.c.VML), from libtorch_cpu, which torch has loaded; None where this torch has no
-    MKL, or its ops do not give those functions' results (checked on a few values)."""
+def _torch_functions(names: list[str]) -> list | None:
+    """libtorch_cpu's functions of these names (torch has loaded it); None where one is not
+    there."""
     lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
     try:
         library = ctypes.CDLL(os.path.join(lib_dir, "libtorch_cpu.so"))
-        functions = [getattr(library, prefix + name) for name in VML for prefix in ("vms", "vmd")]
+        return [getattr(library, name) for name in names]
     except (OSError, AttributeError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def vml_functions() -> tuple[int, ...] | None:
+    """The addresses of the VML functions eager's CPU kernels call (vms<f>, vmd<f> for each of
+    codegen.c.VML), from libtorch_cpu; None where this torch has no MKL, or its ops do not give
+    those functions' results (checked on a few values)."""
+    functions = _torch_functions([prefix + name for name in VML for prefix in ("vms", "vmd")])
+    if functions is None:
         return None
     op_of = {op.vml: getattr(torch, op.name) for op in ops.OPS
              if op.vml and op.vml_argument is None}
@@ -202,13 +210,9 @@ def sleef_functions() -> tuple[int, ...] | None:
     AVX512 ones (which call them; the others call the C library's), or it lacks one."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
-    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
-    try:
-        library = ctypes.CDLL(os.path.join(lib_dir, "libtorch_cpu.so"))
-        return tuple(ctypes.cast(getattr(library, name), ctypes.c_void_p).value
-                     for name in SLEEF_NAMES)
-    except (OSError, AttributeError):
-        return None
+    functions = _torch_functions(list(SLEEF_NAMES))
+    return None if functions is None else tuple(
+        ctypes.cast(f, ctypes.c_void_p).value for f in functions)
 
 
 class CPUBackend:
@@ -273,14 +277,11 @@ def _launch(binary: bytes, source: str) -> Callable[..., int]:
         library = ctypes.CDLL(path)
     finally:
         os.unlink(path)
-    if "tf_vml[" in source:  # the kernel calls eager's VML functions: tell it where
-        addresses = vml_functions()
-        table = (ctypes.c_void_p * len(addresses)).in_dll(library, "tf_vml")
-        table[:] = addresses
-    if "tf_sleef[" in source:  # and SLEEF's (codegen/c.SLEEF)
-        addresses = sleef_functions()
-        table = (ctypes.c_void_p * len(addresses)).in_dll(library, "tf_sleef")
-        table[:] = addresses
+    # the kernel calls eager's VML or SLEEF functions (codegen/c.VML, SLEEF): tell it where
+    for name, functions in (("tf_vml", vml_functions), ("tf_sleef", sleef_functions)):
+        if name + "[" in source:
+            addresses = functions()
+            (ctypes.c_void_p * len(addresses)).in_dll(library, name)[:] = addresses
     function = library.tf_kernel
     native = launcher.get()
     if native is not None:
