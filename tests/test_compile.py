@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -9,6 +10,7 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import torchfuse
 from conftest import assert_fused, assert_same, make_input
@@ -238,6 +240,33 @@ def test_chunked_integer_division_by_zero_raises_eagers_error():
     x[2, 4] = 0  # in the second chunk: the kernel flags it, the fallback raises eager's error
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         compiled(x)
+
+
+def test_of_two_errors_eagers_first_comes_first(device):
+    # The group {remainder, div} runs after the shift the partitioner left between its members,
+    # which raises too: eager's error is the remainder's (CPU: ZeroDivisionError).
+    def f(x, y):
+        r = torch.remainder(y, x)
+        s = torch.bitwise_right_shift(x, 10000.0)
+        return s, r / -0.0
+    x = torch.zeros(5, 17, 8, dtype=torch.int32, device=device)
+    y = torch.ones(5, 17, 1, dtype=torch.int32, device=device)
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as eager:
+        torch.compile(f, backend="aot_eager")(x, y)
+    torch._dynamo.reset()
+    with pytest.raises(eager.type, match=re.escape(str(eager.value)[:40])):
+        torch.compile(f, backend="torchfuse")(x, y)
+
+
+def test_a_graph_that_mutates_is_not_run_twice():
+    graph = torch.fx.symbolic_trace(lambda x: x.add_(1).exp() * 2)
+    traced = make_fx(graph)(torch.ones(3))
+    assert torchfuse.capture._functional_copy(traced) is None
+    traced = make_fx(lambda x: x.exp() * 2 + torch.rand_like(x))(torch.ones(3))
+    assert torchfuse.capture._functional_copy(traced) is None
+    traced = make_fx(lambda x: x.exp() * 2 + x.sum())(torch.ones(3))
+    assert torchfuse.capture._functional_copy(traced)() is not None
 
 
 @pytest.mark.parametrize("fn", [

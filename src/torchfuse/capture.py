@@ -13,6 +13,7 @@ without the entry point, registers the backend on import (``_register``), which 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -74,6 +75,7 @@ def _fused_forward(gm: torch.fx.GraphModule) -> Callable:
     """The ATen graph ``gm`` with its groups running through ``run_fusion``: its ``forward``."""
     if config.disable:
         return gm.forward
+    unfused = _functional_copy(gm)
     result = fusion.fuse(gm)
     with _collectors_lock:
         for results in _collectors:
@@ -91,7 +93,49 @@ def _fused_forward(gm: torch.fx.GraphModule) -> Callable:
     if hasattr(graph, "real_recompile"):
         # A lazy GraphModule's forward goes through Module.__call__ on every call (µs each).
         graph.real_recompile()
-    return graph.forward
+    if unfused is None or len(result.groups) + len(result.left_out) < 2:
+        return graph.forward
+    return _in_eagers_order(graph.forward, unfused)
+
+
+def _functional_copy(gm: torch.fx.GraphModule) -> Callable[[], torch.fx.GraphModule] | None:
+    """``gm`` as it is before fusion, made at the first call, where running it a second time
+    changes nothing (no op of it mutates or draws random numbers): None otherwise. AOTAutograd's
+    graphs are functional unless asked otherwise. (The copy: ~20 µs a node; the module's code,
+    as much again, waits for a failure.)"""
+    if not all(map(_repeatable, gm.graph.nodes)):
+        return None
+    graph = copy.deepcopy(gm.graph)
+    return functools.cache(lambda: torch.fx.GraphModule(gm, graph))
+
+
+def _repeatable(node: torch.fx.Node) -> bool:
+    if node.op in ("placeholder", "get_attr", "output"):
+        return True
+    if node.op != "call_function":
+        return False
+    if isinstance(node.target, torch._ops.OpOverload):
+        return not node.target._schema.is_mutable and (
+            torch.Tag.nondeterministic_seeded not in node.target.tags)
+    return getattr(node.target, "__module__", None) in ("_operator", "operator")
+
+
+def _in_eagers_order(forward: Callable, unfused: Callable[[], torch.fx.GraphModule]) -> Callable:
+    """``forward``, whose failures are eager's: where it raises, the unfused graph runs.
+
+    A group runs where the partitioner placed it, after any op between its members, so of two
+    ops that would raise on some input the fused graph may meet the later one first: its error
+    is not eager's. Running the unfused graph, only when something raised, gives eager's first
+    error (and eager's results, should the fused graph have failed where eager does not)."""
+
+    def call(*args: Any) -> Any:
+        try:
+            return forward(*args)
+        except Exception as error:  # noqa: BLE001 - the unfused graph's outcome is the answer
+            log(2, f"the fused graph raised {error!r}: running the unfused graph")
+        return unfused()(*args)
+
+    return call
 
 
 def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
