@@ -75,18 +75,16 @@ TF_FN float tf_round_f16(float f) {
     (("tf_div_floor_steps",), r"""
 /* Floor division as eager's vectorised CPU kernel computes float16/bfloat16 (c10's
    div_floor_floating on Vectorized<Half/BFloat16>): each operation rounded by R; where the
-   rounded quotient overflows, a finite a is divided whole */
+   rounded quotient overflows, a finite a is divided whole. Every value computed, then selected
+   (TF_DIV_FLOOR_BODY's comment says why) */
 #define TF_DIV_FLOOR_ROUNDED(S, R) \
 TF_FN float tf_div_floor_steps_##S(float a, float b) { \
-  float q = R(a / b); \
-  if (b == 0) return q; \
-  float mod = fmodf(a, b); \
-  float div = R((isinf(q) && !isinf(a) ? a : R(a - mod)) / b); \
-  if (mod != 0 && ((b < 0) != (mod < 0))) div = R(div - 1); \
-  if (div == 0) return copysignf(0.0f, q); \
-  float floordiv = floorf(div); \
-  if (R(div - floordiv) > 0.5f) floordiv = R(floordiv + 1); \
-  return floordiv; \
+  const float q = R(a / b), mod = fmodf(a, b), rest = R(a - mod); \
+  const float whole = R((isinf(q) && !isinf(a) ? a : rest) / b), less = R(whole - 1); \
+  const float div = mod != 0 && (b < 0) != (mod < 0) ? less : whole; \
+  const float floordiv = floorf(div), up = R(floordiv + 1); \
+  const float result = R(div - floordiv) > 0.5f ? up : floordiv; \
+  return b == 0 ? q : div == 0 ? copysignf(0.0f, q) : result; \
 }
 TF_DIV_FLOOR_ROUNDED(f16, tf_round_f16)
 TF_DIV_FLOOR_ROUNDED(bf16, tf_round_bf16)"""),
@@ -143,16 +141,20 @@ TF_FN int64_t tf_f2i64(double x) {
     (("tf_max", "tf_min", "tf_remainder", "tf_div_floor", "tf_logaddexp"), r"""
 /* c10's div_floor_floating, eager's floor of a floating-point quotient: Q(x) divides x by b
    (TF_QUOTIENT) or multiplies it by the reciprocal CUDA eager takes of a Python number
-   (TF_TIMES_INVERSE); R holds a value in the result's type (TF_SAME, or a 16-bit rounding) */
+   (TF_TIMES_INVERSE); R holds a value in the result's type (TF_SAME, or a 16-bit rounding);
+   TF_DIVIDEND is what is divided: a - mod, or the CPU's (codegen/c.PREAMBLE). Every value is
+   computed, then selected: gcc does not vectorise a loop with a branch (the early returns kept
+   floor division's CPU loops scalar: 5-20x eager's time). Q(a) is a / b also where b is 0
+   (the reciprocal is then an infinity). */
+#ifndef TF_DIVIDEND
+#define TF_DIVIDEND(a, mod, q) ((a) - (mod))
+#endif
 #define TF_DIV_FLOOR_BODY(T, S, Q, R) \
-  if (b == 0) return a / b; \
-  T mod = fmod##S(a, b); \
-  T div = Q(a - mod); \
-  if (mod != 0 && ((b < 0) != (mod < 0))) div -= 1; \
-  if (div == 0) return copysign##S((T)0, Q(a)); \
-  T floordiv = R(floor##S(div)); \
-  if (div - floordiv > (T)0.5) floordiv = R(floordiv + 1); \
-  return floordiv;
+  const T q = Q(a), mod = fmod##S(a, b), whole = Q(TF_DIVIDEND(a, mod, q)), less = whole - 1; \
+  const T div = mod != 0 && (b < 0) != (mod < 0) ? less : whole; \
+  const T floordiv = R(floor##S(div)), up = R(floordiv + 1); \
+  const T result = div - floordiv > (T)0.5 ? up : floordiv; \
+  return b == 0 ? q : div == 0 ? copysign##S((T)0, q) : result;
 #define TF_QUOTIENT(x) ((x) / b)
 #define TF_TIMES_INVERSE(x) ((x) * inverse)
 #define TF_SAME(x) (x)
@@ -164,9 +166,8 @@ TF_FN int64_t tf_f2i64(double x) {
 TF_FN T tf_max##S(T a, T b) { return (a != a || b != b) ? a + b : TF_FMAX(S, a, b); } \
 TF_FN T tf_min##S(T a, T b) { return (a != a || b != b) ? a + b : TF_FMIN(S, a, b); } \
 TF_FN T tf_remainder##S(T a, T b) { \
-  T mod = fmod##S(a, b); \
-  if (mod != 0 && ((b < 0) != (mod < 0))) mod += b; \
-  return mod; \
+  const T mod = fmod##S(a, b), shifted = mod + b; \
+  return mod != 0 && (b < 0) != (mod < 0) ? shifted : mod; \
 } \
 TF_FN T tf_div_floor##S(T a, T b) { TF_DIV_FLOOR_BODY(T, S, TF_QUOTIENT, TF_SAME) } \
 TF_FN T tf_div_floor_rcp##S(T a, T b, T inverse) { \
