@@ -18,6 +18,7 @@ The fusion pass asks :func:`support` whether a node fuses, and the code generato
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -291,12 +292,20 @@ def _pow_f(ctx: Ctx, a: Operand, b: Operand) -> str:
     if exponent == 0.5 and not special:
         # gcc's vectorizer makes pow(x, 0.5) sqrt(x), which differs at -0 and -inf: put back
         # pow's +0 and +inf there
-        return ctx.fmt("({a} == -INFINITY ? INFINITY : pow{f}({a}, {b}) + 0)", (a, b))
+        return ctx.fmt("tf_pick{f}({a} == -INFINITY, INFINITY, pow{f}({a}, {b}) + 0)", (a, b))
     if exponent not in table or not special:
         return ctx.fmt("pow{f}({a}, {b})", (a, b))
     if half and exponent in _POW_SPECIAL_16 and (ctx.cuda or ctx.compute == torch.bfloat16):
         return _POW_SPECIAL_16[exponent].format(r=ctx.narrow(f"{a} * {a}"), a=a)
     return ctx.fmt(table[exponent], (a,))
+
+
+def _pow_i(ctx: Ctx, a: Operand, b: Operand) -> str:
+    """Integer pow: by a constant 2 or 3 (square), the wrapping product, which gcc vectorises
+    (tf_pow's loop it does not)."""
+    if b.const is not None and not isinstance(b.const, bool) and b.const in (2, 3):
+        return ctx.fmt(f"({{T}})({' * '.join(['({U}){a}'] * int(b.const))})", (a,))
+    return ctx.fmt("tf_pow_{t}({a}, {b})", (a, b))
 
 
 def _clamp(ctx: Ctx, x: Operand, lo: Operand, hi: Operand) -> str:
@@ -311,17 +320,18 @@ def _clamp(ctx: Ctx, x: Operand, lo: Operand, hi: Operand) -> str:
     return out
 
 
-def _clamp_lone_bound(ctx: Ctx, x: Operand, lo: Operand, hi: Operand) -> str:
+def _clamp_lone_bound(ctx: Ctx, x: Operand, lo: Operand, hi: Operand, library: str = "") -> str:
     """clamp as CUDA eager (and CPU eager before torch 2.13) computes it: a lone scalar bound goes
-    through fmax/fmin, which ignore a NaN bound."""
+    through fmax/fmin (``library`` + fmax: the CPU's written out), which ignore a NaN bound."""
     bound = lo if hi is None else hi if lo is None else None
     if bound is None or bound.const is None or not ctx.compute.is_floating_point:
         return _clamp(ctx, x, lo, hi)
     fn = "fmax" if hi is None else "fmin"
-    return f"({x} != {x} ? {x} : {fn}{ctx.f}({x}, {bound}))"
+    return f"({x} != {x} ? {x} : {library}{fn}{ctx.f}({x}, {bound}))"
 
 
-_CLAMP_CPU = _clamp_lone_bound if TorchVersion(torch.__version__) < "2.13" else _clamp
+_CLAMP_CPU = (functools.partial(_clamp_lone_bound, library="tf_")
+              if TorchVersion(torch.__version__) < "2.13" else _clamp)
 _CLAMP = {"f": _CLAMP_CPU, "i": _clamp, "cuda": {"f": _clamp_lone_bound}}
 
 
@@ -669,8 +679,11 @@ OPS: tuple[OpDef, ...] = (
     _fn("logit", _logit, vml="Ln", vml_argument=_logit_quotient),
     _fn("nan_to_num", _nan_to_num),
     _fn("leaky_relu", "{a} > 0 ? {a} : {a} * {b}"),
-    _fn("elu", "{a} <= 0 ? expm1{f}({a} * {d}) * {b} * {c} : {a} * {c}"),
-    _fn("softplus", "({a} * {b}) > {c} ? {a} : log1p{f}(exp{f}({a} * {b})) / {b}"),
+    # tf_pick: the CPU's select, its arms computed first (a call in one kept the loop scalar)
+    _fn("elu", "tf_pick{f}({a} <= 0, expm1{f}({a} * {d}) * {b} * {c}, {a} * {c})",
+        cuda={"f": "{a} <= 0 ? expm1{f}({a} * {d}) * {b} * {c} : {a} * {c}"}),
+    _fn("softplus", "tf_pick{f}(({a} * {b}) > {c}, {a}, log1p{f}(exp{f}({a} * {b})) / {b})",
+        cuda={"f": "({a} * {b}) > {c} ? {a} : log1p{f}(exp{f}({a} * {b})) / {b}"}),
     _fn("atan2", "atan2{f}({a}, {b})"),
     _fn("hypot", _hypot, cuda={"f": "hypot{f}({a}, {b})"}),
     _fn("copysign", "copysign{f}({a}, {b})"),
@@ -715,14 +728,16 @@ OPS: tuple[OpDef, ...] = (
           i="tf_remainder_{t}({a}, {b}, &err)", narrow=(0, 1)),
     OpDef("fmod", ("fmod",), f="fmod{f}({a}, {b})", i="tf_fmod_{t}({a}, {b}, &err)",
           narrow=(0, 1)),
-    OpDef("pow", ("pow",), f=_pow_f, i="tf_pow_{t}({a}, {b})", narrow=(0, 1),
+    OpDef("pow", ("pow",), f=_pow_f, i=_pow_i, narrow=(0, 1),
           refuses=_pow_refused),
     OpDef("maximum", ("maximum",), f="tf_max{f}({a}, {b})", i="TF_MAX({a}, {b})",
           b="{a} || {b}"),
     OpDef("minimum", ("minimum",), f="tf_min{f}({a}, {b})", i="TF_MIN({a}, {b})",
           b="{a} && {b}"),
-    OpDef("fmax", ("fmax",), f="fmax{f}({a}, {b})", i="TF_MAX({a}, {b})", b="{a} || {b}"),
-    OpDef("fmin", ("fmin",), f="fmin{f}({a}, {b})", i="TF_MIN({a}, {b})", b="{a} && {b}"),
+    OpDef("fmax", ("fmax",), f="tf_fmax{f}({a}, {b})", i="TF_MAX({a}, {b})", b="{a} || {b}",
+          cuda={"f": "fmax{f}({a}, {b})"}),
+    OpDef("fmin", ("fmin",), f="tf_fmin{f}({a}, {b})", i="TF_MIN({a}, {b})", b="{a} && {b}",
+          cuda={"f": "fmin{f}({a}, {b})"}),
     OpDef("clamp", ("clamp",), **_CLAMP),
     OpDef("clamp_min", ("clamp_min",), f=lambda ctx, a, b: _CLAMP_CPU(ctx, a, b, None),
           i="TF_MAX({a}, {b})", cuda={"f": lambda ctx, a, b: _clamp_lone_bound(ctx, a, b, None)}),

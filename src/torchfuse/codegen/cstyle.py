@@ -55,9 +55,9 @@ TF_FN uint16_t tf_f2bf(float f) {
 #ifdef TF_F2BF_NATIVE
   return TF_F2BF_NATIVE(f);
 #endif
-  uint32_t u = tf_f2u(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  /* NaN */
-  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  /* round to nearest even */
+  const uint32_t u = tf_f2u(f);
+  const uint16_t even = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  /* to nearest even */
+  return (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0 : even;  /* NaN: a select, no branch */
 }
 TF_FN float tf_round_bf16(float f) {
 #ifdef TF_ROUND_BF16_NATIVE
@@ -138,7 +138,8 @@ TF_FN int32_t tf_f2i32(double x) {
 TF_FN int64_t tf_f2i64(double x) {
   return (x != x || x < -0x1p63 || x >= 0x1p63) ? INT64_MIN : (int64_t)x;
 }"""),
-    (("tf_max", "tf_min", "tf_remainder", "tf_div_floor", "tf_logaddexp"), r"""
+    (("tf_max", "tf_min", "tf_fmax", "tf_fmin", "tf_pick", "tf_remainder", "tf_div_floor",
+      "tf_logaddexp"), r"""
 /* c10's div_floor_floating, eager's floor of a floating-point quotient: Q(x) divides x by b
    (TF_QUOTIENT) or multiplies it by the reciprocal CUDA eager takes of a Python number
    (TF_TIMES_INVERSE); R holds a value in the result's type (TF_SAME, or a 16-bit rounding);
@@ -162,9 +163,18 @@ TF_FN int64_t tf_f2i64(double x) {
 #define TF_FMAX(S, a, b) TF_MAX(a, b)
 #define TF_FMIN(S, a, b) TF_MIN(a, b)
 #endif
+/* (NaN tests as nested selects: gcc vectorised no loop of clamp's max-then-min with a ||) */
 #define TF_FLOAT_HELPERS(S, T) \
-TF_FN T tf_max##S(T a, T b) { return (a != a || b != b) ? a + b : TF_FMAX(S, a, b); } \
-TF_FN T tf_min##S(T a, T b) { return (a != a || b != b) ? a + b : TF_FMIN(S, a, b); } \
+TF_FN T tf_max##S(T a, T b) { return a != a ? a + b : b != b ? a + b : TF_FMAX(S, a, b); } \
+TF_FN T tf_min##S(T a, T b) { return a != a ? a + b : b != b ? a + b : TF_FMIN(S, a, b); } \
+/* C's fmax and fmin as glibc computes them (of equal numbers the first), written out: gcc \
+   vectorises no call of fmaxf */ \
+TF_FN T tf_fmax##S(T a, T b) { return a != a ? b : b != b ? a : TF_MAX(a, b); } \
+TF_FN T tf_fmin##S(T a, T b) { return a != a ? b : b != b ? a : TF_MIN(a, b); } \
+/* c ? a : b with a and b computed first (a function's arguments are): a math call in a \
+   select's arm stays behind a branch, and gcc vectorises no loop with one (the CPU's softplus, \
+   elu; CUDA's templates keep the select) */ \
+TF_FN T tf_pick##S(int c, T a, T b) { return c ? a : b; } \
 TF_FN T tf_remainder##S(T a, T b) { \
   const T mod = fmod##S(a, b), shifted = mod + b; \
   return mod != 0 && (b < 0) != (mod < 0) ? shifted : mod; \
@@ -174,9 +184,8 @@ TF_FN T tf_div_floor_rcp##S(T a, T b, T inverse) { \
   TF_DIV_FLOOR_BODY(T, S, TF_TIMES_INVERSE, TF_SAME) \
 } \
 TF_FN T tf_logaddexp##S(T a, T b) { \
-  if (isinf(a) && a == b) return a; \
-  T m = TF_MAX(a, b); \
-  return m + log1p##S(exp##S(-fabs##S(a - b))); \
+  const T sum = TF_MAX(a, b) + log1p##S(exp##S(-fabs##S(a - b))); \
+  return isinf(a) && a == b ? a : sum; \
 }
 TF_FLOAT_HELPERS(f, float)
 TF_FLOAT_HELPERS(, double)"""),
@@ -312,6 +321,8 @@ class CStyleRenderer:
         """Convert a value in ``src``'s compute type to ``dst``'s, as eager's casts do."""
         if dst == torch.bool:
             return expr if src == torch.bool else f"(({expr}) != 0)"
+        if src == torch.bool:  # through int: gcc vectorises no loop that converts a bool to float
+            expr = f"(int)({expr})"
         if dst == torch.float16:
             return f"tf_round_f16((float)({expr}))" if src != torch.float16 else expr
         if dst == torch.bfloat16:
