@@ -498,6 +498,16 @@ def test_float_to_int_out_of_range_is_defined(device):
         assert got[4].item() == 3 and (dtype == torch.uint8 or got[5].item() == -3)
 
 
+def test_double_to_uint8_goes_through_int64_as_eagers(device):
+    """c10 casts to uint8 through int64 (static_cast_with_inter_type): a double past int32's
+    range keeps its low byte (a random program's find: exp2(33.75) as uint8, eager's 145, ours
+    0 through int32; seed 8,201,243)."""
+    x = torch.tensor([1.4447618449752468e10, -3e12 - 7, 2.0**40 + 300, 3.7, -3.7, 255.9],
+                     dtype=torch.float64, device=device)
+    for dtype in (torch.uint8, torch.int64):
+        assert_matches_eager(lambda t, d=dtype: (t * 1).to(d), x)
+
+
 def test_half_intermediates_round_like_eager(device):
     # Eager rounds every op's float16 result; so do we, which keeps long chains close to it.
     x = make_input((4096,), torch.float16, device)

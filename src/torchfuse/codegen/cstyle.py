@@ -328,7 +328,10 @@ class CStyleRenderer:
         if dst == torch.bfloat16:
             return f"tf_round_bf16((float)({expr}))" if src != torch.bfloat16 else expr
         if src.is_floating_point and not dst.is_floating_point:
-            wide = "tf_f2i64" if dst == torch.int64 else "tf_f2i32"
+            # c10 casts to uint8 through int64 (its static_cast_with_inter_type): a double's low
+            # byte past int32's range (a float's there is 0 either way)
+            through_int64 = dst == torch.int64 or (dst == torch.uint8 and src == torch.float64)
+            wide = "tf_f2i64" if through_int64 else "tf_f2i32"
             return f"(({C_TYPES[dst]}){wide}({expr}))"
         if C_TYPES[src] == C_TYPES[dst]:
             return expr

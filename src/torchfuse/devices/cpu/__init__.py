@@ -34,8 +34,11 @@ from .. import CompileError, EntryBuild, launcher, no_dispatch_modes
 # -fno-trapping-math: no kernel reads the floating-point exception flags, and with them gcc
 # vectorises no floor, ceil or trunc (nor speculates a comparison or an operation out of a
 # branch): a float16 floor ran at 25x eager's time, floor division 7-16x.
+# -fno-thread-jumps: gcc 13 threaded softplus's log1p call through the selects of the inline
+# expf before it, into a branch for each: the loop stayed scalar (gcc 12 did not).
 BASE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-fwrapv",
-              "-fno-math-errno", "-ffp-contract=off", "-fno-tree-sink", "-fno-trapping-math")
+              "-fno-math-errno", "-ffp-contract=off", "-fno-tree-sink", "-fno-trapping-math",
+              "-fno-thread-jumps")
 OPENMP_FLAGS = ("-fopenmp",)
 # glibc's vector math (see codegen.c.VECTOR_MATH). -z defs: a vector variant this libmvec lacks
 # fails the compile (and the fallback runs) instead of the load.
