@@ -99,10 +99,10 @@ def _fused_forward(gm: torch.fx.GraphModule) -> Callable:
 
 
 def _functional_copy(gm: torch.fx.GraphModule) -> Callable[[], torch.fx.GraphModule] | None:
-    """``gm`` as it is before fusion, made at the first call, where running it a second time
-    changes nothing (no op of it mutates or draws random numbers): None otherwise. AOTAutograd's
-    graphs are functional unless asked otherwise. (The copy: ~20 µs a node; the module's code,
-    as much again, waits for a failure.)"""
+    """``gm`` as it is before fusion (a module made at its first call), where running it a second
+    time changes nothing (no op of it mutates or draws random numbers): None otherwise.
+    AOTAutograd's graphs are functional unless asked otherwise. (The graph's copy: ~20 µs a node;
+    the module's code, as much again, waits for a failure.)"""
     if not all(map(_repeatable, gm.graph.nodes)):
         return None
     graph = copy.deepcopy(gm.graph)
