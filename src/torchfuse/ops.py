@@ -303,7 +303,7 @@ def _pow_f(ctx: Ctx, a: Operand, b: Operand) -> str:
 def _pow_i(ctx: Ctx, a: Operand, b: Operand) -> str:
     """Integer pow: by a constant 2 or 3 (square), the wrapping product, which gcc vectorises
     (tf_pow's loop it does not)."""
-    if b.const is not None and not isinstance(b.const, bool) and b.const in (2, 3):
+    if b.const in (2, 3):  # (None, True and False are not)
         return ctx.fmt(f"({{T}})({' * '.join(['({U}){a}'] * int(b.const))})", (a,))
     return ctx.fmt("tf_pow_{t}({a}, {b})", (a, b))
 
