@@ -508,6 +508,19 @@ def test_double_to_uint8_goes_through_int64_as_eagers(device):
         assert_matches_eager(lambda t, d=dtype: (t * 1).to(d), x)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_a_float_cast_to_an_integer_and_back_is_a_plus_zero(device, dtype):
+    """x in (-1, 0) cast to an integer is 0, and +0 as a float again (a random program's find,
+    seed 2,517,617: 1 / x.to(int32) gave -inf for eager's +inf): gcc with -fno-trapping-math
+    folds (float)(int)x into trunc(x), which keeps x's sign, in the loops' scalar tails."""
+    x = torch.tensor([-0.25, -0.0, 0.75, -0.999, -1.5, 2.5, 0.0, math.nan, -0.5, 1.0, -1.0] * 3,
+                     device=device).to(dtype)
+    for n in (3, 33):  # all of it a scalar loop; vectors and a tail
+        for integer in (torch.int32, torch.int64, torch.int16):
+            assert_matches_eager(lambda t, i=integer: 1 / t.to(i).to(t.dtype), x[:n])
+            assert_matches_eager(lambda t, i=integer: torch.signbit(t.to(i).to(t.dtype)), x[:n])
+
+
 def test_half_intermediates_round_like_eager(device):
     # Eager rounds every op's float16 result; so do we, which keeps long chains close to it.
     x = make_input((4096,), torch.float16, device)

@@ -89,6 +89,8 @@ MASKED = {
     "where(mask, x, -x)": lambda x, m: torch.where(m, x, -x),
     "x.masked_fill(mask, 0) * 2": lambda x, m: x.masked_fill(m, 0.0) * 2,
     "square(int32)": lambda x, m: torch.square(x.to(torch.int32)) + m,
+    "x.to(int32).to(x) * mask": lambda x, m: x.to(torch.int32).to(x.dtype) * m,
+    "x.to(int64).to(x) * mask": lambda x, m: x.to(torch.int64).to(x.dtype) * m,
 }
 
 

@@ -131,12 +131,17 @@ TF_FN double tf_hypot(double x, double y) {
   return isinf(x) || isinf(y) ? INFINITY : r;
 }"""),
     (("tf_f2i32", "tf_f2i64"), r"""
-/* float -> integer as x86 converts (out of range and NaN give the minimum), without UB */
+/* float -> integer as x86 converts (out of range and NaN give the minimum), without UB.
+   |x| < 1 gives a literal 0: gcc with -fno-trapping-math folds (float)(int)x into trunc(x),
+   which keeps the sign of x in (-1, 0): -0 where eager's integer 0 converts to +0 (x / it
+   an infinity of the wrong sign). */
 TF_FN int32_t tf_f2i32(double x) {
-  return (x != x || x <= -2147483649.0 || x >= 2147483648.0) ? INT32_MIN : (int32_t)x;
+  return (x != x || x <= -2147483649.0 || x >= 2147483648.0) ? INT32_MIN
+         : (x > -1.0 && x < 1.0) ? 0 : (int32_t)x;
 }
 TF_FN int64_t tf_f2i64(double x) {
-  return (x != x || x < -0x1p63 || x >= 0x1p63) ? INT64_MIN : (int64_t)x;
+  return (x != x || x < -0x1p63 || x >= 0x1p63) ? INT64_MIN
+         : (x > -1.0 && x < 1.0) ? 0 : (int64_t)x;
 }"""),
     (("tf_max", "tf_min", "tf_fmax", "tf_fmin", "tf_pick", "tf_remainder", "tf_div_floor",
       "tf_logaddexp"), r"""

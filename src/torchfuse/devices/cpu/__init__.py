@@ -33,7 +33,8 @@ from .. import CompileError, EntryBuild, launcher, no_dispatch_modes
 # vectorise: SLEEF's log1p then ran in each lane, where_mix 17x slower.
 # -fno-trapping-math: no kernel reads the floating-point exception flags, and with them gcc
 # vectorises no floor, ceil or trunc (nor speculates a comparison or an operation out of a
-# branch): a float16 floor ran at 25x eager's time, floor division 7-16x.
+# branch): a float16 floor ran at 25x eager's time, floor division 7-16x. It also folds
+# (float)(int)x into trunc(x), which keeps the sign of x in (-1, 0) (cstyle's tf_f2i32).
 # -fno-thread-jumps: gcc 13 threaded softplus's log1p call through the selects of the inline
 # expf before it, into a branch for each: the loop stayed scalar (gcc 12 did not).
 BASE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-fwrapv",
