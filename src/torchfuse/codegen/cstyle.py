@@ -133,8 +133,8 @@ TF_FN double tf_hypot(double x, double y) {
     (("tf_f2i32", "tf_f2i64"), r"""
 /* float -> integer as x86 converts (out of range and NaN give the minimum), without UB.
    |x| < 1 gives a literal 0: gcc with -fno-trapping-math folds (float)(int)x into trunc(x),
-   which keeps the sign of x in (-1, 0): -0 where eager's integer 0 converts to +0 (x / it
-   an infinity of the wrong sign). */
+   which keeps the sign of x in (-1, 0): -0 where eager's integer 0 converts to +0 (and 1 / it
+   is then an infinity of the wrong sign). */
 TF_FN int32_t tf_f2i32(double x) {
   return (x != x || x <= -2147483649.0 || x >= 2147483648.0) ? INT32_MIN
          : (x > -1.0 && x < 1.0) ? 0 : (int32_t)x;
