@@ -1,5 +1,5 @@
 """Every CPU kernel's loop is a vector loop, where eager's is: gcc's own report (-fopt-info-vec)
-on the kernel each op renders to, for each floating-point dtype, and for bool masks.
+on the kernel each op renders to, for each floating-point dtype, and for bool masks and casts.
 
 A loop gcc cannot vectorise still computes eager's values, 5-30x slower (softplus, logaddexp,
 floor division, fmax, clamp by tensors, a float16 floor, a bool mask times a tensor all ran so):
@@ -82,6 +82,7 @@ def test_op_loops_vectorise(name, dtype, sleef_all):
         assert _vectorised(fn, *inputs) != ((name, dtype) in SCALAR)
 
 
+# Bool masks, and the conversions beside them: integer square, float -> integer -> float
 MASKED = {
     "x * mask": lambda x, m: x * m,
     "mask.to(x) + x": lambda x, m: m.to(x.dtype) + x,
